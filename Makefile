@@ -1,0 +1,39 @@
+# make run: install what is missing, then run the whole stack in the foreground.
+# make test: install what is missing, then run the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := mongrel2-core curl
+
+.PHONY: run test bench deps clean
+
+run: deps
+	$(PY) -m jobz.stack
+
+test: deps
+	$(PY) -m pytest -q tests
+
+bench: deps
+	$(PY) bench/dispatch.py
+
+deps: .deps-apt $(VENV)/.installed
+
+# Debian packages: only when a command is missing (apt-get needs root, as here).
+.deps-apt:
+	@missing=""; \
+	command -v mongrel2 >/dev/null || missing="$$missing mongrel2-core"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	@touch $@
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .deps-apt var build *.egg-info

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""jobz broker: the Mongrel2 handler that journals runs and publishes calls to workers."""
+import logging
+import os
+import signal
+import sys
+
+import zmq
+
+from jobz import defaults
+from jobz.broker import Broker
+from jobz.cli import Parser, load_or_exit, setup_logging
+from jobz.journal import Journal
+
+log = logging.getLogger('jobz.broker')
+
+
+def parse_args(argv=None):
+    ap = Parser(description=__doc__)
+    ap.jobs_option()
+    ap.option('--home', env='JOBZ_HOME', default=defaults.HOME, help='state folder (journal.db)')
+    ap.option('--pub', env='JOBZ_PUB', default=defaults.PUB, help='bind address for live calls to workers')
+    ap.option('--router', env='JOBZ_ROUTER', default=defaults.ROUTER,
+              help='bind address for worker sync, results and heartbeats')
+    ap.option('--m2-recv', env='JOBZ_M2_RECV', default=defaults.M2_RECV,
+              help="Mongrel2 handler send_spec (requests come from here)")
+    ap.option('--m2-send', env='JOBZ_M2_SEND', default=defaults.M2_SEND,
+              help="Mongrel2 handler recv_spec (replies go here)")
+    ap.option('--m2-ident', env='JOBZ_M2_IDENT', default=defaults.M2_IDENT,
+              help="the handler's send_ident/recv_ident in mongrel2.conf")
+    ap.option('--worker-timeout', env='JOBZ_WORKER_TIMEOUT', default=5.0, type=float,
+              help='seconds without a heartbeat before a worker is no longer expected for new runs')
+    ap.option('--max-body', env='JOBZ_MAX_BODY', default=65536, type=int,
+              help='largest request body accepted, in bytes (larger: 413)')
+    ap.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    jobs = load_or_exit(args.jobs, log)     # validate everything before binding a socket
+    os.makedirs(args.home, exist_ok=True)
+    ctx = zmq.Context()
+    broker = Broker(jobs, Journal(os.path.join(args.home, 'journal.db')), ctx,
+                    m2_recv=args.m2_recv, m2_send=args.m2_send, m2_ident=args.m2_ident,
+                    pub=args.pub, router=args.router, worker_timeout=args.worker_timeout,
+                    max_body=args.max_body)
+
+    def stop(signum, frame):
+        broker.stopping = True    # only a flag: the loop finishes its burst and leaves
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info('broker up: %d jobs, pub %s, router %s', len(jobs), args.pub, args.router)
+    broker.run()
+    broker.close()
+    ctx.term()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

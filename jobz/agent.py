@@ -1,0 +1,287 @@
+"""The broker link of a worker or semaphore, with its own durable state (SQLite).
+
+The agent keeps, per topic, a cursor (the last sequence number it has taken),
+the calls it has taken (queued, started, done), an outbox of results until the
+broker acknowledges them, and an outbox of handler URLs until they are called.
+"""
+import json
+import logging
+import os
+import queue
+import random
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import zmq
+
+from . import protocol as p
+
+log = logging.getLogger('jobz.agent')
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursors (topic TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS calls (
+    run_id TEXT PRIMARY KEY,
+    call   TEXT NOT NULL,
+    state  TEXT NOT NULL,          -- queued, started, done
+    at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (run_id TEXT PRIMARY KEY, result TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS http_out (
+    id      INTEGER PRIMARY KEY,
+    url     TEXT NOT NULL,
+    tries   INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    first_at REAL NOT NULL
+);
+"""
+RESEND_AFTER = 3.0      # seconds without an ACK before a result is sent again
+HTTP_GIVE_UP = 86400.0  # a handler URL that keeps failing is dropped (with an error) after a day
+
+
+def fetch(url: str, timeout: float = 30.0) -> int:
+    """GET a URL; return its HTTP status (error statuses included), raise OSError if unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+class Agent:
+    def __init__(self, ctx: zmq.Context, name: str, topics: list[str], *, pub: str, router: str,
+                 db_path: str, sync_interval: float = 1.0, running=lambda: 0):
+        self.name = name
+        self.topics = sorted(set(topics))
+        self.sync_interval = sync_interval
+        self.running = running          # how many jobs the owner runs now (for /workers)
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.linger = 0
+        for topic in self.topics:
+            self.sub.subscribe(p.topic_frame(topic))
+        self.sub.connect(pub)
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.linger = 0
+        self.dealer.routing_id = name.encode()
+        self.dealer.sndhwm = 10000
+        self.dealer.connect(router)
+        self.db = sqlite3.connect(db_path, isolation_level=None)
+        self.db.execute('PRAGMA journal_mode=WAL')
+        self.db.execute('PRAGMA synchronous=FULL')
+        self.db.executescript(SCHEMA)
+        self.cursors = dict(self.db.execute('SELECT topic, seq FROM cursors'))
+        self.sync_due = 0.0             # monotonic time of the next SYNC
+        self.sync_sent = None           # monotonic time the SYNC in flight was sent
+        self.sent_at: dict[str, float] = {}   # run_id -> when its result was last sent
+        self.http_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix='jobz-http')
+        self.http_busy: set[int] = set()
+        self.http_done: queue.Queue = queue.Queue()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+
+    # -- receiving calls --------------------------------------------------
+    def poll(self, timeout_ms: int, fds=()) -> tuple[list[dict], list[int]]:
+        """Wait for input; return (new calls, the given fds that are readable)."""
+        poller = zmq.Poller()
+        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.dealer, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        for fd in fds:
+            poller.register(fd, zmq.POLLIN)
+        events = dict(poller.poll(timeout_ms))
+        calls = []
+        if self.sub in events:
+            calls += self._take_live()
+        if self.dealer in events:
+            calls += self._take_replies()
+        if self.wake_r in events:
+            try:
+                os.read(self.wake_r, 4096)
+            except BlockingIOError:
+                pass
+        return calls, [fd for fd in fds if fd in events]
+
+    def _take_live(self) -> list[dict]:
+        calls, gap = [], False
+        for _ in range(1000):
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                call = p.unpack(frames[-1])
+                seq, topic = int(call['seq']), str(call['topic'])
+                str(call['run_id'])
+            except (ValueError, KeyError, TypeError, IndexError):
+                log.warning('dropping a live call that does not parse')
+                continue
+            cursor = self.cursors.get(topic)
+            if cursor is None:
+                gap = True    # not synced yet: SYNC decides where this topic starts
+            elif seq == cursor + 1:
+                self.cursors[topic] = seq
+            elif seq > cursor + 1:
+                gap = True    # PUB dropped something; SYNC fetches it from the journal
+            calls.append(call)
+        if gap:
+            self.sync_due = 0.0
+        return self._store(calls)
+
+    def _take_replies(self) -> list[dict]:
+        calls = []
+        for _ in range(1000):
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 2:
+                log.warning('dropping a broker message with %d frames', len(frames))
+                continue
+            verb, payload = frames
+            try:
+                msg = p.unpack(payload)
+                if verb == p.CALLS:
+                    calls += self._on_calls(msg)
+                elif verb == p.ACK:
+                    self.db.execute('DELETE FROM outbox WHERE run_id = ?', (str(msg['run_id']),))
+                    self.sent_at.pop(msg['run_id'], None)
+            except (ValueError, KeyError, TypeError):
+                log.warning('dropping a bad %r from the broker', verb)
+        return calls
+
+    def _on_calls(self, msg: dict) -> list[dict]:
+        self.sync_sent = None
+        calls = [c for c in msg.get('calls', []) if isinstance(c, dict) and 'run_id' in c]
+        for topic, seq in (msg.get('cursors') or {}).items():
+            if topic in self.topics and isinstance(seq, int):
+                self.cursors[topic] = seq    # the journal's word wins (re-fetched calls are ignored)
+        self.sync_due = 0.0 if msg.get('more') else time.monotonic() + self.sync_interval
+        return self._store(calls)
+
+    def _store(self, calls: list[dict]) -> list[dict]:
+        """Journal new calls as queued and save cursors, in one transaction; return the new ones."""
+        new = []
+        self.db.execute('BEGIN')
+        for call in calls:
+            cur = self.db.execute("INSERT OR IGNORE INTO calls VALUES (?, ?, 'queued', ?)",
+                                  (str(call['run_id']), json.dumps(call), time.time()))
+            if cur.rowcount:
+                new.append(call)
+        self.db.executemany('INSERT OR REPLACE INTO cursors VALUES (?, ?)', self.cursors.items())
+        self.db.execute('COMMIT')
+        return new
+
+    def queued(self) -> list[dict]:
+        return [json.loads(c) for (c,) in self.db.execute(
+            "SELECT call FROM calls WHERE state = 'queued' ORDER BY at")]
+
+    def interrupted(self) -> list[dict]:
+        """Calls started before a crash: they are reported, never silently run again."""
+        return [json.loads(c) for (c,) in self.db.execute(
+            "SELECT call FROM calls WHERE state = 'started' ORDER BY at")]
+
+    # -- reporting --------------------------------------------------------
+    def mark_started(self, calls: list[dict]) -> None:
+        started = time.time()
+        self.db.execute('BEGIN')
+        self.db.executemany("UPDATE calls SET state = 'started', at = ? WHERE run_id = ?",
+                            [(started, c['run_id']) for c in calls])
+        self.db.execute('COMMIT')
+        for call in calls:
+            self._send(p.STARTED, {'run_id': call['run_id'], 'started': started})
+
+    def finish(self, run_id: str, result: dict, urls: list[str] = (), inside=None) -> None:
+        """Record a result and its handler URLs durably, then send the result.
+
+        `inside(db)`, if given, runs in the same transaction and returns more URLs.
+        """
+        now = time.time()
+        self.db.execute('BEGIN')
+        if inside is not None:
+            urls = list(urls) + inside(self.db)
+        result = dict(result, run_id=run_id)
+        self.db.execute("UPDATE calls SET state = 'done', at = ? WHERE run_id = ?", (now, run_id))
+        self.db.execute('INSERT OR REPLACE INTO outbox VALUES (?, ?)', (run_id, json.dumps(result)))
+        self.db.executemany('INSERT INTO http_out (url, next_at, first_at) VALUES (?, ?, ?)',
+                            [(u, now, now) for u in urls])
+        self.db.execute('COMMIT')
+        self._send(p.RESULT, result)
+        self.sent_at[run_id] = time.monotonic()
+
+    def _send(self, verb: bytes, msg: dict) -> None:
+        try:
+            self.dealer.send_multipart([verb, p.pack(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass    # the outbox and SYNC carry it later; never block the loop
+
+    # -- clock work -------------------------------------------------------
+    def tick(self, now: float) -> None:
+        if self.sync_sent is not None and now - self.sync_sent > max(5.0, 3 * self.sync_interval):
+            self.sync_sent = None    # the answer was lost (broker restart): ask again
+        if self.sync_sent is None and now >= self.sync_due:
+            self._send(p.SYNC, {'topics': self.topics, 'cursors': self.cursors, 'running': self.running()})
+            self.sync_sent = now
+        for run_id, result in self.db.execute('SELECT run_id, result FROM outbox').fetchall():
+            if now - self.sent_at.get(run_id, 0.0) >= RESEND_AFTER:
+                self._send(p.RESULT, json.loads(result))
+                self.sent_at[run_id] = now
+        self._http_tick()
+
+    def _http_tick(self) -> None:
+        while True:
+            try:
+                row_id, ok = self.http_done.get_nowait()
+            except queue.Empty:
+                break
+            self.http_busy.discard(row_id)
+            if ok:
+                self.db.execute('DELETE FROM http_out WHERE id = ?', (row_id,))
+                continue
+            (tries,) = self.db.execute('SELECT tries FROM http_out WHERE id = ?', (row_id,)).fetchone()
+            backoff = min(60.0, 0.5 * 2 ** tries) * random.uniform(0.5, 1.0)
+            self.db.execute('UPDATE http_out SET tries = tries + 1, next_at = ? WHERE id = ?',
+                            (time.time() + backoff, row_id))
+        due = self.db.execute('SELECT id, url, first_at FROM http_out WHERE next_at <= ? ORDER BY id',
+                              (time.time(),)).fetchall()
+        for row_id, url, first_at in due:
+            if row_id in self.http_busy:
+                continue
+            if time.time() - first_at > HTTP_GIVE_UP:
+                log.error('giving up on handler call %s after a day of failures', url)
+                self.db.execute('DELETE FROM http_out WHERE id = ?', (row_id,))
+                continue
+            self.http_busy.add(row_id)
+            self.http_pool.submit(self._call_url, row_id, url)
+
+    def _call_url(self, row_id: int, url: str) -> None:
+        """Runs in a pool thread; reports back through a queue and the wake pipe."""
+        try:
+            status = fetch(url)
+            ok = status < 500
+            if 400 <= status < 500:
+                log.error('handler call %s refused with HTTP %d; not retrying', url, status)
+            elif not ok:
+                log.warning('handler call %s answered HTTP %d; will retry', url, status)
+        except (OSError, ValueError) as e:
+            log.warning('handler call %s failed (%s); will retry', url, e)
+            ok = False
+        self.http_done.put((row_id, ok))
+        os.write(self.wake_w, b'.')
+
+    def pending(self) -> tuple[int, int]:
+        """(results not yet acknowledged, handler calls not yet made)."""
+        return (self.db.execute('SELECT count(*) FROM outbox').fetchone()[0],
+                self.db.execute('SELECT count(*) FROM http_out').fetchone()[0])
+
+    def close(self) -> None:
+        self._send(p.BYE, {})
+        self.http_pool.shutdown(wait=False, cancel_futures=True)
+        self.sub.close()
+        self.dealer.close(linger=500)
+        self.db.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)

@@ -1,0 +1,340 @@
+"""The broker: Mongrel2 handler, journal, publisher of calls, collector of results."""
+import json
+import logging
+import secrets
+import time
+from urllib.parse import parse_qsl
+
+import zmq
+
+from . import protocol as p
+from .jobfile import Job, ParamError, prepare_params
+from .journal import Journal
+from .m2 import BadMessage, Connection, Request
+
+log = logging.getLogger('jobz.broker')
+
+MAX_WAIT = 3600.0
+BATCH = 256          # messages handled per commit: one fsync carries a whole burst
+SYNC_BATCH = 500     # calls per CALLS answer
+ROUTES = {           # path -> allowed methods
+    '/': ('GET', 'HEAD'),
+    '/job_start': ('GET', 'HEAD', 'POST'),
+    '/job_status': ('GET', 'HEAD'),
+    '/job_note': ('GET', 'HEAD', 'POST'),
+    '/jobs': ('GET', 'HEAD'),
+    '/workers': ('GET', 'HEAD'),
+    '/runs': ('GET', 'HEAD'),
+    '/health': ('GET', 'HEAD'),
+}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+def new_run_id() -> str:
+    return time.strftime('%Y%m%d-%H%M%S-') + secrets.token_hex(4)
+
+
+def encode(obj) -> bytes:
+    return json.dumps(obj, indent=2).encode() + b'\n'
+
+
+class Broker:
+    def __init__(self, jobs: dict[str, Job], journal: Journal, ctx: zmq.Context, *,
+                 m2_recv: str, m2_send: str, m2_ident: str, pub: str, router: str,
+                 worker_timeout: float = 5.0, max_body: int = 65536):
+        self.jobs = jobs
+        self.journal = journal
+        self.worker_timeout = worker_timeout
+        self.max_body = max_body
+        self.m2 = Connection(ctx, m2_recv, m2_send, m2_ident)
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.linger = 0
+        self.pub.sndhwm = 100000
+        self.pub.bind(pub)
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted worker takes over its name
+        self.router.bind(router)
+        self.workers: dict[str, dict] = {}   # name -> {'topics', 'seen', 'seen_at', 'cursors', 'running'}
+        self.waiters: dict[str, list] = {}   # run_id -> [(request, deadline)]
+        self.new_waits: list = []            # waits of this burst, kept only if it commits
+        self.stopping = False
+        self.started = time.time()
+
+    # -- the loop ---------------------------------------------------------
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.m2.reqs, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        while not self.stopping:
+            events = dict(poller.poll(100))
+            self.step(http=self.m2.reqs in events, router=self.router in events)
+            self.tick(time.monotonic())
+
+    def step(self, http: bool = True, router: bool = True) -> None:
+        """Handle one burst: journal it in one transaction, then publish, then answer."""
+        pubs, http_out, router_out, touched = [], [], [], set()
+        self.journal.begin()
+        try:
+            if http:
+                self._drain(self.m2.reqs, lambda m: self.on_http(m, pubs, http_out, touched))
+            if router:
+                self._drain(self.router, lambda m: self.on_router(m, router_out, touched), multipart=True)
+            self.journal.commit()
+        except Exception:
+            log.exception('journal commit failed; answering 500 to the whole burst')
+            self.journal.rollback()
+            pubs, router_out, touched = [], [], set()
+            http_out = [(req, 500, {'error': 'journal write failed'}) for req, _, _ in http_out]
+            http_out += [(req, 500, {'error': 'journal write failed'}) for _, req, _ in self.new_waits]
+            self.new_waits = []
+        for frames in pubs:
+            self.pub.send_multipart(frames)
+        for frames in router_out:
+            self.router.send_multipart(frames)
+        for req, status, body in http_out:
+            self.m2.reply_http(req, status, encode(body))
+        for run_id, req, deadline in self.new_waits:
+            self.waiters.setdefault(run_id, []).append((req, deadline))
+            touched.add(run_id)
+        self.new_waits = []
+        for run_id in touched:
+            self.check_waiters(run_id)
+
+    def _drain(self, sock, handle, multipart=False) -> None:
+        for _ in range(BATCH):
+            try:
+                msg = sock.recv_multipart(zmq.NOBLOCK) if multipart else sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.journal.db.execute('SAVEPOINT msg')
+            try:
+                handle(msg)
+                self.journal.db.execute('RELEASE msg')
+            except Exception:
+                self.journal.db.execute('ROLLBACK TO msg')
+                self.journal.db.execute('RELEASE msg')
+                raise
+
+    def tick(self, now: float) -> None:
+        """Clock work after every poll: answer waits that ran out of time."""
+        for run_id, waits in list(self.waiters.items()):
+            expired = [w for w in waits if w[1] <= now]
+            if not expired:
+                continue
+            status = self.journal.status(run_id)
+            for req, _ in expired:
+                self.m2.reply_http(req, 504, encode(status))
+            self.waiters[run_id] = [w for w in waits if w[1] > now]
+            if not self.waiters[run_id]:
+                del self.waiters[run_id]
+
+    def check_waiters(self, run_id: str) -> None:
+        if run_id not in self.waiters:
+            return
+        status = self.journal.status(run_id)
+        if status['state'] in ('succeeded', 'failed'):
+            code = 200 if status['state'] == 'succeeded' else 500
+            for req, _ in self.waiters.pop(run_id):
+                self.m2.reply_http(req, code, encode(status))
+
+    # -- HTTP -------------------------------------------------------------
+    def on_http(self, raw: bytes, pubs: list, out: list, touched: set) -> None:
+        try:
+            req = Request.parse(raw)
+        except BadMessage as e:
+            log.warning('dropping a Mongrel2 message that does not parse: %s', e)
+            return
+        if req.is_disconnect() or req.method == 'JSON':
+            return    # answering a disconnect makes Mongrel2 loop forever
+        try:
+            answer = self.route(req, pubs)
+            if answer is None:
+                return    # a wait= request, answered when the run ends or time runs out
+            status, body = answer if isinstance(answer, tuple) else (200, answer)
+            out.append((req, status, body))
+        except HttpError as e:
+            out.append((req, e.status, {'error': str(e), **e.extra}))
+        except Exception:
+            log.exception('error handling %s %s', req.method, req.path)
+            out.append((req, 500, {'error': 'internal error; see the broker log'}))
+
+    def route(self, req: Request, pubs: list) -> dict | None:
+        path = str(req.headers.get('PATH', req.path))
+        methods = ROUTES.get(path)
+        if methods is None:
+            raise HttpError(404, f'unknown path {path!r}',
+                            paths=sorted(ROUTES))
+        if req.method not in methods:
+            raise HttpError(405, f'method {req.method} not allowed on {path}; use {", ".join(methods)}')
+        if len(req.body) > self.max_body:
+            raise HttpError(413, f'request body over {self.max_body} bytes')
+        query = dict(parse_qsl(req.query, keep_blank_values=True, errors='replace'))
+        if req.method == 'POST' and req.body:
+            ctype = str(req.headers.get('content-type', ''))
+            if not ctype.startswith('application/x-www-form-urlencoded'):
+                raise HttpError(400, 'a POST body must be application/x-www-form-urlencoded')
+            query.update(parse_qsl(req.body.decode('utf-8', 'replace'), keep_blank_values=True))
+        handler = getattr(self, 'http_' + (path.strip('/') or 'index'))
+        return handler(req, query, pubs)
+
+    def http_index(self, req, q, pubs):
+        return {'service': 'jobz', 'paths': sorted(ROUTES)}
+
+    def http_health(self, req, q, pubs):
+        return {'ok': True, 'uptime': round(time.time() - self.started, 3),
+                'workers': len(self.live_workers()), 'jobs': len(self.jobs)}
+
+    def http_jobs(self, req, q, pubs):
+        return {name: job.describe() for name, job in sorted(self.jobs.items())}
+
+    def http_workers(self, req, q, pubs):
+        now = time.monotonic()
+        out = {}
+        for name, w in sorted(self.workers.items()):
+            lag = {t: max(0, self.journal.heads.get(t, 0) - c) for t, c in w['cursors'].items()}
+            out[name] = {'topics': sorted(w['topics']), 'alive': now - w['seen'] <= self.worker_timeout,
+                         'last_heartbeat': w['seen_at'], 'seconds_ago': round(now - w['seen'], 3),
+                         'lag': lag, 'running': w['running']}
+        return out
+
+    def http_runs(self, req, q, pubs):
+        limit = self._number(q, 'limit', 20, 1, 1000)
+        return {'runs': self.journal.recent(q.get('job') or None, int(limit))}
+
+    def http_job_status(self, req, q, pubs):
+        status = self.journal.status(self._required(q, 'run_id'))
+        if status is None:
+            raise HttpError(404, f"unknown run {q['run_id']!r}")
+        return status
+
+    def http_job_note(self, req, q, pubs):
+        run_id = self._required(q, 'run_id')
+        note = self._required(q, 'note')[:2000]
+        if self.journal.status(run_id) is None:
+            raise HttpError(404, f'unknown run {run_id!r}')
+        self.journal.add_note(run_id, q.get('worker', '')[:200] or None, note)
+        return {'run_id': run_id, 'noted': note}
+
+    def http_job_start(self, req, q, pubs):
+        name = self._required(q, 'job_name')
+        job = self.jobs.get(name)
+        if job is None:
+            raise HttpError(404, f'unknown job {name!r}')
+        wait = self._number(q, 'wait', None, 0, MAX_WAIT)
+        key = q.get('key') or None
+        if key is not None and len(key) > 200:
+            raise HttpError(400, "parameter 'key' is longer than 200 characters")
+        run_id = self.journal.run_by_key(key) if key else None
+        if run_id is None:
+            try:
+                params, sanitized = prepare_params(job, q)
+            except ParamError as e:
+                raise HttpError(400, str(e)) from None
+            run_id = new_run_id()
+            call = self.journal.add_run(run_id, job.name, job.topic, params, sanitized, key,
+                                        self.expected_workers(job.topic))
+            pubs.append([p.topic_frame(job.topic), p.pack(call)])
+            log.info('run %s: job %s on topic %s, seq %d', run_id, job.name, job.topic, call['seq'])
+            existing = False
+        else:
+            existing = True
+        status = self.journal.status(run_id)
+        if wait is not None:
+            if status['state'] in ('succeeded', 'failed'):
+                return (200 if status['state'] == 'succeeded' else 500), status
+            self.new_waits.append((run_id, req, time.monotonic() + wait))
+            return None
+        return {'run_id': run_id, 'job': status['job'], 'topic': status['topic'],
+                'params': status['params'], 'sanitized': status['sanitized'],
+                'workers': sorted(status['workers']), 'existing': existing,
+                'status_url': f'/job_status?run_id={run_id}'}
+
+    def _required(self, q: dict, name: str) -> str:
+        if not q.get(name):
+            raise HttpError(400, f'missing parameter {name!r}')
+        return q[name]
+
+    def _number(self, q: dict, name: str, default, low: float, high: float):
+        if name not in q:
+            return default
+        try:
+            value = float(q[name])
+        except ValueError:
+            value = float('nan')
+        if not low <= value <= high:
+            raise HttpError(400, f'parameter {name!r} must be a number from {low:g} to {high:g}')
+        return value
+
+    # -- workers ----------------------------------------------------------
+    def live_workers(self) -> list[str]:
+        now = time.monotonic()
+        return [n for n, w in self.workers.items() if now - w['seen'] <= self.worker_timeout]
+
+    def expected_workers(self, topic: str) -> list[str]:
+        """Workers a new run on `topic` waits for: those alive and subscribed now."""
+        return sorted(n for n in self.live_workers() if topic in self.workers[n]['topics'])
+
+    def on_router(self, frames: list, out: list, touched: set) -> None:
+        if len(frames) != 3:
+            log.warning('dropping a worker message with %d frames', len(frames))
+            return
+        ident, verb, payload = frames
+        worker = ident.decode('utf-8', 'replace')
+        try:
+            msg = p.unpack(payload)
+        except ValueError:
+            log.warning('dropping a %r from %s: payload is not a JSON object', verb, worker)
+            return
+        try:
+            if verb == p.SYNC:
+                out.append([ident, p.CALLS, p.pack(self.on_sync(worker, msg))])
+            elif verb == p.STARTED:
+                if self.journal.set_started(str(msg['run_id']), worker, float(msg['started'])):
+                    touched.add(msg['run_id'])
+            elif verb == p.RESULT:
+                run_id = str(msg['run_id'])
+                if self.journal.set_result(run_id, worker, msg):
+                    touched.add(run_id)
+                    log.info('run %s: %s on %s', run_id, msg['state'], worker)
+                out.append([ident, p.ACK, p.pack({'run_id': run_id})])
+            elif verb == p.BYE:
+                self.workers.pop(worker, None)
+                log.info('worker %s left', worker)
+            else:
+                log.warning('dropping unknown verb %r from %s', verb, worker)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning('dropping a bad %r from %s: %s', verb, worker, e)
+
+    def on_sync(self, worker: str, msg: dict) -> dict:
+        """Register or refresh a worker and hand it the calls it has not seen."""
+        topics = [t for t in msg.get('topics', []) if isinstance(t, str)][:1000]
+        cursors = msg.get('cursors') or {}
+        if worker not in self.workers:
+            log.info('worker %s joined for topics %s', worker, ', '.join(topics))
+        calls, new_cursors, more = [], {}, False
+        for topic in topics:
+            head = self.journal.heads.get(topic, 0)
+            cursor = cursors.get(topic)
+            if not isinstance(cursor, int) or cursor > head:
+                new_cursors[topic] = head    # a new subscription starts now
+                continue
+            batch = self.journal.calls_after(topic, cursor, SYNC_BATCH)
+            calls += batch
+            new_cursors[topic] = batch[-1]['seq'] if batch else cursor
+            more = more or len(batch) == SYNC_BATCH
+        self.workers[worker] = {'topics': set(topics), 'seen': time.monotonic(), 'seen_at': time.time(),
+                                'cursors': new_cursors, 'running': msg.get('running', 0)}
+        return {'calls': calls, 'cursors': new_cursors, 'more': more}
+
+    def close(self) -> None:
+        self.m2.close()
+        self.pub.close()
+        self.router.close()
+        self.journal.close()

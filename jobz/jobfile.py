@@ -1,0 +1,228 @@
+"""Job files: load and validate the YAML catalog, sanitize values, fill in placeholders."""
+import os
+import re
+from dataclasses import dataclass, field
+from urllib.parse import quote, urlencode, urlsplit
+
+import yaml
+
+NAME_RE = re.compile(r'[A-Za-z0-9_.-]+\Z')
+PARAM_NAME_RE = re.compile(r'[A-Za-z_][A-Za-z0-9_]*\Z')
+# Everything outside this set is removed from undeclared values (DESIGN.md contract).
+UNSAFE_RE = re.compile(r'[^A-Za-z0-9_.,:@+=/-]')
+# Allowed printf forms: %(name)s and %%. Anything else with a percent sign is an error.
+PERCENT_RE = re.compile(r'%(?:%|\(([A-Za-z_][A-Za-z0-9_]*)\)s)')
+BUILTINS = {'job_name', 'run_id'}
+HANDLER_BUILTINS = BUILTINS | {'worker', 'rc', 'state'}
+# Query names with a meaning of their own; never job parameters.
+RESERVED = {'job_name', 'wait', 'key'}
+KEYS = {'command', 'topic', 'params', 'defaults', 'timeout', 'on_success', 'on_failure', 'semaphore'}
+
+
+class JobFileError(Exception):
+    """A job file that cannot be used; the message names file, job and key."""
+
+
+class ParamError(ValueError):
+    """Request values that cannot be used for a job (answered with 400)."""
+
+
+@dataclass
+class Job:
+    name: str
+    source: str
+    command: str | None = None
+    topic: str = ''
+    params: dict = field(default_factory=dict)      # name -> compiled rule
+    defaults: dict = field(default_factory=dict)
+    timeout: float | None = None
+    on_success: str | None = None
+    on_failure: str | None = None
+    semaphore: dict | None = None                   # {'count': int, 'key': str | None}
+
+    def placeholders(self) -> set:
+        """Names a trigger must supply (built-ins excluded)."""
+        names = set()
+        for template in (self.command, self.on_success, self.on_failure):
+            names |= placeholders(template or '')
+        return names - HANDLER_BUILTINS
+
+    def describe(self) -> dict:
+        return {'topic': self.topic, 'command': self.command,
+                'params': {k: v.pattern for k, v in self.params.items()},
+                'defaults': self.defaults, 'timeout': self.timeout,
+                'on_success': self.on_success, 'on_failure': self.on_failure,
+                'semaphore': self.semaphore, 'file': self.source}
+
+
+def placeholders(template: str) -> set:
+    return {m.group(1) for m in PERCENT_RE.finditer(template) if m.group(1)}
+
+
+def _check_template(where: str, template, allowed_extra=()) -> str:
+    if not isinstance(template, str) or not template.strip():
+        raise JobFileError(f'{where} must be a non-empty string')
+    stripped = PERCENT_RE.sub('', template)
+    if '%' in stripped:
+        raise JobFileError(f"{where}: a percent sign must be written %% or start a "
+                           f"placeholder %(name)s")
+    return template
+
+
+def _check_url(where: str, template) -> str:
+    _check_template(where, template)
+    parts = urlsplit(template)
+    if parts.scheme not in ('', 'http', 'https') or (not parts.scheme and not template.startswith('/')):
+        raise JobFileError(f'{where} must be a path starting with / or an http(s) URL')
+    return template
+
+
+def parse_job(name, spec, source: str) -> Job:
+    where = f'{source}: job {name!r}'
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise JobFileError(f'{source}: job name {name!r} may only hold letters, digits and _ . -')
+    if not isinstance(spec, dict):
+        raise JobFileError(f'{where}: must be a mapping of keys (command, topic, ...)')
+    unknown = set(spec) - KEYS
+    if unknown:
+        raise JobFileError(f"{where}: unknown key {sorted(unknown)[0]!r} "
+                           f"(known: {', '.join(sorted(KEYS))})")
+    job = Job(name=name, source=source)
+    if 'command' in spec:
+        job.command = _check_template(f"{where}: 'command'", spec['command'])
+    if 'semaphore' in spec:
+        job.semaphore = _parse_semaphore(f"{where}: 'semaphore'", spec['semaphore'])
+    if job.command and job.semaphore:
+        raise JobFileError(f"{where}: has both 'command' and 'semaphore'; a job is one or the other")
+    if not job.command and not job.semaphore:
+        raise JobFileError(f"{where}: needs a 'command' (or a 'semaphore')")
+    topic = spec.get('topic', name)
+    if not isinstance(topic, str) or not NAME_RE.match(topic):
+        raise JobFileError(f"{where}: 'topic' may only hold letters, digits and _ . -")
+    job.topic = topic
+    params = spec.get('params') or {}
+    if not isinstance(params, dict):
+        raise JobFileError(f"{where}: 'params' must map parameter names to regular expressions")
+    for pname, rule in params.items():
+        if not isinstance(pname, str) or not PARAM_NAME_RE.match(pname) or pname in RESERVED:
+            raise JobFileError(f"{where}: 'params': {pname!r} is not a usable parameter name")
+        try:
+            job.params[pname] = re.compile(str(rule))
+        except re.error as e:
+            raise JobFileError(f"{where}: 'params': rule for {pname!r} is not a valid regex: {e}") from None
+    defaults = spec.get('defaults') or {}
+    if not isinstance(defaults, dict):
+        raise JobFileError(f"{where}: 'defaults' must map parameter names to values")
+    for pname, value in defaults.items():
+        if not isinstance(pname, str) or not PARAM_NAME_RE.match(pname):
+            raise JobFileError(f"{where}: 'defaults': {pname!r} is not a usable parameter name")
+        if not isinstance(value, (str, int, float)) or UNSAFE_RE.search(str(value)) or str(value) == '':
+            raise JobFileError(f"{where}: 'defaults': value of {pname!r} must be non-empty and use "
+                               f"only letters, digits and _ . , : @ + = / -")
+        job.defaults[pname] = str(value)
+    if 'timeout' in spec:
+        t = spec['timeout']
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise JobFileError(f"{where}: 'timeout' must be a positive number of seconds")
+        job.timeout = float(t)
+    for key in ('on_success', 'on_failure'):
+        if spec.get(key) is not None:
+            setattr(job, key, _check_url(f"{where}: {key!r}", spec[key]))
+    return job
+
+
+def _parse_semaphore(where: str, spec) -> dict:
+    if not isinstance(spec, dict) or set(spec) - {'count', 'key'}:
+        raise JobFileError(f"{where} must be a mapping with 'count' and optional 'key'")
+    count = spec.get('count')
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise JobFileError(f"{where}: 'count' must be a whole number of at least 1")
+    key = spec.get('key')
+    if key is not None and (not isinstance(key, str) or not PARAM_NAME_RE.match(key)):
+        raise JobFileError(f"{where}: 'key' must be a parameter name")
+    return {'count': count, 'key': key}
+
+
+def job_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, f) for f in os.listdir(path)
+                      if f.endswith(('.yaml', '.yml')) and not f.startswith('.'))
+    return [path]
+
+
+def load_jobs(paths) -> dict[str, Job]:
+    """Load every job of the given files or folders; raise JobFileError on the first fault."""
+    if isinstance(paths, str):
+        paths = [paths]
+    jobs: dict[str, Job] = {}
+    for path in paths:
+        if not os.path.exists(path):
+            raise JobFileError(f'{path}: no such job file or folder')
+        for source in job_files(path):
+            try:
+                with open(source, encoding='utf-8') as f:
+                    data = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+                raise JobFileError(f'{source}: cannot read YAML: {e}') from None
+            if data is None:
+                continue
+            if not isinstance(data, dict):
+                raise JobFileError(f'{source}: top level must map job names to job definitions')
+            for name, spec in data.items():
+                job = parse_job(name, spec, source)
+                if name in jobs:
+                    raise JobFileError(f'{source}: job {name!r} is already defined in {jobs[name].source}')
+                jobs[name] = job
+    return jobs
+
+
+def sanitize(value: str) -> str:
+    """Remove every character outside the safe set."""
+    return UNSAFE_RE.sub('', value)
+
+
+def prepare_params(job: Job, query: dict) -> tuple[dict, list]:
+    """Check request values for a job: (params, names of sanitized values) or ParamError."""
+    params = dict(job.defaults)
+    changed = []
+    for name, value in query.items():
+        if name in RESERVED:
+            continue
+        if not PARAM_NAME_RE.match(name):
+            raise ParamError(f'parameter name {name!r} may only hold letters, digits and _')
+        rule = job.params.get(name)
+        if rule is not None:
+            if UNSAFE_RE.search(value) or not rule.fullmatch(value):
+                raise ParamError(f'parameter {name!r} does not match its rule: {rule.pattern}')
+        else:
+            clean = sanitize(value)
+            if clean != value:
+                changed.append(name)
+            value = clean
+        params[name] = value
+    missing = sorted(n for n in job.placeholders() if n not in params)
+    if missing:
+        raise ParamError(f"missing value for placeholder {', '.join(repr(n) for n in missing)}")
+    empty = sorted(n for n in job.placeholders() if params[n] == '')
+    if empty:
+        # An empty value would remove a shell word from the command.
+        raise ParamError(f"parameter {', '.join(repr(n) for n in empty)} is empty "
+                         f"(after removing unsafe characters)")
+    return params, sorted(changed)
+
+
+def render_command(template: str, values: dict) -> str:
+    """Fill a command template; raise KeyError naming a missing placeholder."""
+    return template % values
+
+
+def render_url(template: str, values: dict, base: str) -> str:
+    """Fill a handler URL with URL-quoted values; a relative URL is joined to the front end."""
+    url = template % {k: quote(str(v), safe='') for k, v in values.items()}
+    if url.startswith('/'):
+        url = base.rstrip('/') + url
+    return url
+
+
+def add_query(url: str, **values) -> str:
+    return url + ('&' if '?' in url else '?') + urlencode(values)

@@ -1,0 +1,106 @@
+"""Mongrel2 handler protocol over ZeroMQ (the few dozen lines we need, Python 3)."""
+import json
+from http import HTTPStatus
+
+import zmq
+
+
+class BadMessage(ValueError):
+    """A Mongrel2 message that does not parse."""
+
+
+def parse_netstring(data: bytes) -> tuple[bytes, bytes]:
+    """Split b'LEN:PAYLOAD,REST' into (payload, rest)."""
+    length, sep, rest = data.partition(b':')
+    if not sep or not length.isdigit() or len(length) > 10:
+        raise BadMessage('bad netstring length')
+    n = int(length)
+    if len(rest) < n + 1 or rest[n:n + 1] != b',':
+        raise BadMessage('netstring shorter than its length')
+    return rest[:n], rest[n + 1:]
+
+
+class Request:
+    """One HTTP request (or disconnect notice) as Mongrel2 forwards it."""
+
+    def __init__(self, sender: bytes, conn_id: bytes, path: str, headers: dict, body: bytes):
+        self.sender = sender
+        self.conn_id = conn_id
+        self.path = path
+        self.headers = headers
+        self.body = body
+
+    @classmethod
+    def parse(cls, msg: bytes) -> 'Request':
+        try:
+            sender, conn_id, path, rest = msg.split(b' ', 3)
+        except ValueError:
+            raise BadMessage('too few fields') from None
+        raw_headers, rest = parse_netstring(rest)
+        body, _ = parse_netstring(rest)
+        try:
+            headers = json.loads(raw_headers)
+        except ValueError:
+            raise BadMessage('headers are not JSON') from None
+        if not isinstance(headers, dict):
+            raise BadMessage('headers are not a JSON object')
+        return cls(sender, conn_id, path.decode('utf-8', 'replace'), headers, body)
+
+    @property
+    def method(self) -> str:
+        return str(self.headers.get('METHOD', ''))
+
+    @property
+    def query(self) -> str:
+        return str(self.headers.get('QUERY', ''))
+
+    def is_disconnect(self) -> bool:
+        """Mongrel2 tells us a client went away; such a message must never be answered."""
+        if self.method != 'JSON':
+            return False
+        try:
+            return json.loads(self.body).get('type') == 'disconnect'
+        except (ValueError, AttributeError):
+            return False
+
+
+def http_response(status: int, body: bytes, content_type: str = 'application/json',
+                  head_only: bool = False, extra_headers: dict | None = None) -> bytes:
+    """A complete HTTP/1.1 response with a correct byte Content-Length."""
+    reason = HTTPStatus(status).phrase
+    lines = [f'HTTP/1.1 {status} {reason}',
+             f'Content-Type: {content_type}',
+             f'Content-Length: {len(body)}']
+    lines += [f'{k}: {v}' for k, v in (extra_headers or {}).items()]
+    head = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+    return head if head_only else head + body
+
+
+class Connection:
+    """The handler's pair of sockets: PULL requests from Mongrel2, PUB replies back."""
+
+    def __init__(self, ctx: zmq.Context, pull_addr: str, pub_addr: str, ident: str):
+        self.reqs = ctx.socket(zmq.PULL)
+        self.reqs.linger = 0
+        self.reqs.connect(pull_addr)
+        self.resp = ctx.socket(zmq.PUB)
+        self.resp.linger = 1000
+        # Mongrel2 routes replies by this identity; it must equal the handler's
+        # recv_ident so two front ends sharing one broker never get each other's replies.
+        self.resp.setsockopt(zmq.IDENTITY, ident.encode())
+        self.resp.connect(pub_addr)
+
+    def recv(self) -> Request:
+        return Request.parse(self.reqs.recv(zmq.NOBLOCK))
+
+    def reply(self, sender: bytes, conn_ids: list[bytes], payload: bytes) -> None:
+        ids = b' '.join(conn_ids)
+        self.resp.send(sender + b' ' + str(len(ids)).encode() + b':' + ids + b', ' + payload)
+
+    def reply_http(self, req: Request, status: int, body: bytes, **kw) -> None:
+        head_only = req.method == 'HEAD'
+        self.reply(req.sender, [req.conn_id], http_response(status, body, head_only=head_only, **kw))
+
+    def close(self) -> None:
+        self.reqs.close()
+        self.resp.close()

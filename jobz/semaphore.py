@@ -1,0 +1,90 @@
+"""The semaphore: counts completions per key value and releases the next job once."""
+import logging
+import time
+
+from .agent import Agent
+from .jobfile import Job, render_url, add_query
+
+log = logging.getLogger('jobz.semaphore')
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS arrivals (
+    job TEXT NOT NULL, gate TEXT NOT NULL, source TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (job, gate, source)
+);
+CREATE TABLE IF NOT EXISTS released (
+    job TEXT NOT NULL, gate TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (job, gate)
+);
+"""
+
+
+class Semaphore:
+    def __init__(self, agent: Agent, jobs: dict[str, Job], *, name: str, url: str):
+        self.agent = agent
+        self.jobs = {n: j for n, j in jobs.items() if j.semaphore}
+        self.name = name
+        self.url = url
+        self.stop_requests = 0
+        agent.db.executescript(SCHEMA)
+        for call in agent.queued() + agent.interrupted():
+            self.handle(call)
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        self.stop_requests += 1    # only a flag; the loop ends at its next turn
+
+    def run(self) -> None:
+        while not self.stop_requests:
+            calls, _ = self.agent.poll(100)
+            for call in calls:
+                self.handle(call)
+            self.agent.tick(time.monotonic())
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end and any(self.agent.pending()):
+            self.agent.poll(50)
+            self.agent.tick(time.monotonic())
+
+    def handle(self, call: dict) -> None:
+        run_id = str(call['run_id'])
+        job = self.jobs.get(call.get('job'))
+        params = call.get('params') if isinstance(call.get('params'), dict) else {}
+        if job is None:
+            self.agent.finish(run_id, {'state': 'failed', 'reason':
+                                       f"no semaphore job {call.get('job')!r} on {self.name}"})
+            return
+        key = job.semaphore['key']
+        if key and not params.get(key):
+            self.agent.finish(run_id, {'state': 'failed', 'reason': f'call has no value for key {key!r}'})
+            return
+        gate = str(params.get(key, '')) if key else ''
+        # A completion is identified by its trigger's idempotency key (run, worker, outcome),
+        # so a handler call that was retried is counted once.
+        source = str(call.get('key') or run_id)
+        result = {'state': 'succeeded', 'rc': 0, 'started': time.time()}
+
+        def count(db) -> list[str]:
+            db.execute('INSERT OR IGNORE INTO arrivals VALUES (?, ?, ?, ?)', (job.name, gate, source, time.time()))
+            (n,) = db.execute('SELECT count(*) FROM arrivals WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
+            done = db.execute('SELECT 1 FROM released WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
+            result['output_tail'] = f'{n} of {job.semaphore["count"]} for {key or "gate"}={gate}'
+            result['finished'] = time.time()
+            if done or n < job.semaphore['count']:
+                return []
+            db.execute('INSERT INTO released VALUES (?, ?, ?)', (job.name, gate, time.time()))
+            result['output_tail'] += '; released'
+            log.info('semaphore %s released for %s=%s', job.name, key, gate)
+            return self.release_urls(job, params, run_id, gate)
+
+        self.agent.finish(run_id, result, inside=count)
+        log.info('semaphore %s: %s', job.name, result.get('output_tail'))
+
+    def release_urls(self, job: Job, params: dict, run_id: str, gate: str) -> list[str]:
+        if not job.on_success:
+            return []
+        values = dict(params, job_name=job.name, run_id=run_id, worker=self.name, rc='0', state='succeeded')
+        try:
+            url = render_url(job.on_success, values, self.url)
+        except KeyError as e:
+            log.error('semaphore %s: on_success needs %r, which the call does not carry', job.name, e.args[0])
+            return []
+        # Deterministic key: a restarted semaphore can never release the same gate twice.
+        return [add_query(url, key=f'semaphore.{job.name}.{gate}')]

@@ -1,0 +1,196 @@
+"""Run the whole stack in the foreground: Mongrel2, broker, a local worker, a semaphore.
+
+Used by `make run` and by the tests (with their own ports and folders).
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+
+from . import defaults
+from .jobfile import load_jobs
+
+log = logging.getLogger('jobz.stack')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def render_mongrel2_conf(template: str, port: int, m2_recv: str, m2_send: str, bind: str = '127.0.0.1') -> str:
+    """mongrel2.conf with our port and handler addresses (each must appear exactly once)."""
+    swaps = [('port=6769', f'port={port}'),
+             (f"send_spec='{defaults.M2_RECV}'", f"send_spec='{m2_recv}'"),
+             (f"recv_spec='{defaults.M2_SEND}'", f"recv_spec='{m2_send}'"),
+             ("bind_addr='127.0.0.1'", f"bind_addr='{bind}'")]
+    for old, new in swaps:
+        if template.count(old) != 1:
+            raise ValueError(f'mongrel2.conf: expected {old!r} exactly once')
+        template = template.replace(old, new)
+    return template
+
+
+def _has_server(db: str) -> bool:
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute('SELECT count(*) FROM server').fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
+class Stack:
+    """The processes of one jobz installation, started and stopped together."""
+
+    def __init__(self, home: str, jobs: list[str], port: int = defaults.PORT, ports: dict | None = None,
+                 python: str = sys.executable, worker_args=(), mongrel2_conf: str | None = None):
+        self.home = os.path.abspath(home)
+        self.jobs = [os.path.abspath(j) for j in jobs]
+        self.port = port
+        self.ports = ports or {'pub': 6770, 'router': 6771, 'm2_recv': 6772, 'm2_send': 6773}
+        self.python = python
+        self.worker_args = list(worker_args)
+        self.mongrel2_conf = mongrel2_conf or os.path.join(ROOT, 'mongrel2.conf')
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.url = f'http://127.0.0.1:{port}'
+
+    def addr(self, name: str) -> str:
+        return f'tcp://127.0.0.1:{self.ports[name]}'
+
+    def links(self) -> list[str]:
+        return ['--pub', self.addr('pub'), '--router', self.addr('router'), '--url', self.url]
+
+    def spawn(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
+        log.info('starting %s', name)
+        proc = subprocess.Popen(argv, **kw)
+        self.procs[name] = proc
+        return proc
+
+    def script(self, name: str) -> list[str]:
+        return [self.python, os.path.join(ROOT, name)]
+
+    def start_broker(self) -> None:
+        self.spawn('broker', self.script('broker.py') + [
+            '--jobs', *self.jobs, '--home', self.home, '--pub', self.addr('pub'),
+            '--router', self.addr('router'), '--m2-recv', self.addr('m2_recv'),
+            '--m2-send', self.addr('m2_send')])
+
+    def start_worker(self, name: str, *extra: str) -> None:
+        self.spawn(name, self.script('worker.py') + [
+            '--name', name, '--jobs', *self.jobs, '--home', self.home, *self.links(),
+            *self.worker_args, *extra])
+
+    def start_semaphore(self, name: str = 'semaphore', *extra: str) -> None:
+        self.spawn(name, self.script('semaphore.py') + [
+            '--name', name, '--jobs', *self.jobs, '--home', self.home, *self.links(), *extra])
+
+    def start_mongrel2(self) -> None:
+        chroot = os.path.join(self.home, 'mongrel2')
+        for sub in ('logs', 'run', 'tmp'):
+            os.makedirs(os.path.join(chroot, sub), exist_ok=True)
+        with open(self.mongrel2_conf, encoding='utf-8') as f:
+            conf = render_mongrel2_conf(f.read(), self.port, self.addr('m2_recv'), self.addr('m2_send'))
+        with open(os.path.join(chroot, 'mongrel2.conf'), 'w', encoding='utf-8') as f:
+            f.write(conf)
+        db = os.path.join(chroot, 'config.sqlite')
+        if os.path.exists(db):
+            os.unlink(db)
+        load = subprocess.run(['m2sh', 'load', '-config', 'mongrel2.conf', '-db', 'config.sqlite'],
+                              cwd=chroot, capture_output=True, text=True, env=dict(os.environ, LOGNAME='root'))
+        if load.returncode or not _has_server(db):
+            # m2sh exits 0 even when the file does not parse: look at what it loaded.
+            raise RuntimeError(f'm2sh could not load {self.mongrel2_conf}:\n{load.stdout}{load.stderr}')
+        pid_file = os.path.join(chroot, 'run', 'mongrel2.pid')
+        if os.path.exists(pid_file):
+            os.unlink(pid_file)    # left by a killed mongrel2; it refuses to start otherwise
+        with open(os.path.join(chroot, 'logs', 'mongrel2.out'), 'ab') as out:
+            self.spawn('mongrel2', ['mongrel2', 'config.sqlite', 'jobz'], cwd=chroot,
+                       stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, LOGNAME='root'))
+
+    def start(self, workers=('local',), semaphore: bool = True, timeout: float = 30.0) -> None:
+        os.makedirs(self.home, exist_ok=True)
+        jobs = load_jobs(self.jobs)    # fail here, loudly, before anything starts
+        self.start_broker()
+        for name in workers:
+            self.start_worker(name)
+        if semaphore and any(j.semaphore for j in jobs.values()):
+            self.start_semaphore()
+        self.start_mongrel2()
+        self.wait_healthy(timeout, len(self.procs) - 2)
+
+    def wait_healthy(self, timeout: float, workers: int) -> None:
+        """Wait until the front end answers and `workers` agents have registered."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f'{name} exited with {proc.returncode} during start-up')
+            try:
+                with urllib.request.urlopen(self.url + '/health', timeout=2) as resp:
+                    last = json.load(resp)
+                    if last.get('workers', -1) >= workers:
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f'stack not healthy after {timeout}s (last /health: {last})')
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning('%s did not stop in %ss; killing it', name, timeout)
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        # Front end first (no new requests), broker last (results still arrive).
+        order = ['mongrel2'] + [n for n in self.procs if n not in ('mongrel2', 'broker')] + ['broker']
+        for name in order:
+            self.stop(name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument('--port', type=int, default=int(os.environ.get('JOBZ_PORT', defaults.PORT)),
+                    help=f'HTTP port (default: {defaults.PORT}; env JOBZ_PORT)')
+    ap.add_argument('--jobs', default=os.environ.get('JOBZ_JOBS', defaults.JOBS),
+                    help=f'job folder (default: {defaults.JOBS}; env JOBZ_JOBS)')
+    ap.add_argument('--home', default=os.environ.get('JOBZ_HOME', defaults.HOME),
+                    help=f'state folder (default: {defaults.HOME}; env JOBZ_HOME)')
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
+    if shutil.which('mongrel2') is None:
+        sys.exit('error: mongrel2 is not installed (apt-get install mongrel2-core)')
+    stack = Stack(args.home, args.jobs.split(':'), port=args.port)
+    stopping = []
+    # Only record the signal; the wait loop below does the stopping.
+    signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+    signal.signal(signal.SIGINT, lambda *a: stopping.append(1))
+    try:
+        stack.start()
+        log.info('jobz is up on %s (try: curl "%s/job_start?job_name=hello&date=2026_11_28")',
+                 stack.url, stack.url)
+        while not stopping:
+            for name, proc in list(stack.procs.items()):
+                if proc.poll() is not None:
+                    log.error('%s exited with %s; stopping the stack', name, proc.returncode)
+                    stopping.append(1)
+            time.sleep(0.2)
+    finally:
+        stack.stop_all()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

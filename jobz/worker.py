@@ -1,0 +1,216 @@
+"""The worker: runs its own configured command for each call of its topics."""
+import logging
+import os
+import signal
+import subprocess
+import time
+from urllib.parse import parse_qsl, urlsplit
+from collections import deque
+from dataclasses import dataclass
+
+from .agent import Agent
+from .jobfile import Job, UNSAFE_RE, render_command, render_url, add_query
+
+log = logging.getLogger('jobz.worker')
+
+
+@dataclass
+class Running:
+    call: dict
+    proc: subprocess.Popen
+    pidfd: int
+    out_path: str
+    started: float                  # time.time(), shown to people
+    deadline: float | None          # monotonic
+    kill_at: float | None = None    # monotonic; set once TERM was sent
+    why_killed: str | None = None
+
+
+def describe_exit(rc: int) -> tuple[int | None, str | None, str]:
+    """(exit code, signal name, human reason) from a Popen return code."""
+    if rc >= 0:
+        return rc, None, f'exit code {rc}'
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = f'signal {-rc}'
+    hint = ' (SIGKILL: out of memory, or killed by hand?)' if -rc == signal.SIGKILL else ''
+    return None, name, f'killed by {name}{hint}'
+
+
+class Worker:
+    def __init__(self, agent: Agent, jobs: dict[str, Job], *, name: str, url: str, out_dir: str,
+                 concurrency: int, kill_grace: float = 5.0, output_tail: int = 4096):
+        self.agent = agent
+        self.jobs = jobs
+        self.name = name
+        self.url = url
+        self.out_dir = out_dir
+        self.concurrency = concurrency
+        self.kill_grace = kill_grace
+        self.output_tail = output_tail
+        self.running: dict[int, Running] = {}     # pidfd -> running job
+        self.queue = deque(agent.queued())
+        self.stop_requests = 0
+        agent.running = lambda: len(self.running)
+        for call in agent.interrupted():
+            log.warning('run %s was running when this worker stopped; reporting it interrupted',
+                        call['run_id'])
+            self.agent.finish(call['run_id'], {'state': 'interrupted',
+                                               'reason': 'the worker stopped while it ran'})
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        # Only set a flag: the loop does the work, outside the signal handler.
+        self.stop_requests += 1
+
+    def run(self) -> None:
+        cold_done = False
+        while not (self.stop_requests and not self.running):
+            calls, ready = self.agent.poll(self._timeout_ms(), list(self.running))
+            if not self.stop_requests:
+                self.queue.extend(calls)    # when stopping, they stay queued on disk for next start
+            for fd in ready:
+                self.reap(fd)
+            if self.stop_requests >= 2 and not cold_done:
+                log.warning('second stop request: killing %d running job(s)', len(self.running))
+                for r in self.running.values():
+                    r.why_killed = 'worker shut down'
+                    self._killpg(r, signal.SIGKILL)
+                cold_done = True
+            if not self.stop_requests:
+                self.start_queued()
+            self.tick(time.monotonic())
+        self.flush()
+
+    def flush(self, timeout: float = 3.0) -> None:
+        """Give unacknowledged results and handler calls a moment before leaving."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and any(self.agent.pending()):
+            self.agent.poll(50)
+            self.agent.tick(time.monotonic())
+
+    def _timeout_ms(self) -> int:
+        return 100 if not self.stop_requests else 50
+
+    def tick(self, now: float) -> None:
+        for r in list(self.running.values()):
+            if r.deadline is not None and now >= r.deadline and r.kill_at is None:
+                log.warning('run %s: timeout; sending TERM to its process group', r.call['run_id'])
+                r.why_killed = 'timeout'
+                self._killpg(r, signal.SIGTERM)
+                r.kill_at = now + self.kill_grace
+            elif r.kill_at is not None and now >= r.kill_at:
+                self._killpg(r, signal.SIGKILL)
+                r.kill_at = float('inf')
+        self.agent.tick(now)
+
+    def _killpg(self, r: Running, sig: int) -> None:
+        try:
+            os.killpg(r.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass    # already gone
+
+    # -- starting ----------------------------------------------------------
+    def start_queued(self) -> None:
+        batch = []
+        while self.queue and len(self.running) + len(batch) < self.concurrency:
+            call = self.queue.popleft()
+            try:
+                job, command, env = self.prepare(call)
+            except ValueError as e:
+                log.error('run %s: %s', call.get('run_id'), e)
+                self.agent.finish(str(call['run_id']), {'state': 'failed', 'reason': str(e)})
+                continue
+            batch.append((call, job, command, env))
+        if not batch:
+            return
+        self.agent.mark_started([c for c, _, _, _ in batch])   # on disk before anything runs
+        for call, job, command, env in batch:
+            self.spawn(call, job, command, env)
+
+    def prepare(self, call: dict) -> tuple[Job, str, dict]:
+        """Check a call against this worker's own job files; raise ValueError with the reason."""
+        job = self.jobs.get(call.get('job'))
+        if job is None or not job.command:
+            raise ValueError(f"no command for job {call.get('job')!r} on worker {self.name}")
+        params = call.get('params')
+        if not isinstance(params, dict):
+            raise ValueError('call has no parameters')
+        for k, v in params.items():
+            # Checked again here: a broker must never be able to make us run new shell words.
+            if not isinstance(v, str) or UNSAFE_RE.search(v) or UNSAFE_RE.search(k):
+                raise ValueError(f'unsafe value for parameter {k!r}; refused')
+        values = dict(params, job_name=job.name, run_id=str(call['run_id']))
+        try:
+            command = render_command(job.command, values)
+        except KeyError as e:
+            raise ValueError(f'missing value for placeholder {e.args[0]!r}') from None
+        env = dict(os.environ, JOBZ_RUN_ID=values['run_id'], JOBZ_JOB=job.name,
+                   JOBZ_WORKER=self.name, JOBZ_URL=self.url)
+        env.update({f'JOBZ_PARAM_{k.upper()}': v for k, v in params.items()})
+        return job, command, env
+
+    def spawn(self, call: dict, job: Job, command: str, env: dict) -> None:
+        run_id = str(call['run_id'])
+        out_path = os.path.join(self.out_dir, run_id + '.log')
+        try:
+            with open(out_path, 'wb') as out:
+                # A session of its own, so a timeout can kill the whole process group.
+                proc = subprocess.Popen(['/bin/sh', '-c', command], stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError as e:
+            log.error('run %s: cannot start: %s', run_id, e)
+            self.agent.finish(run_id, {'state': 'failed', 'reason': f'cannot start: {e}'})
+            return
+        deadline = time.monotonic() + job.timeout if job.timeout else None
+        self.running[pidfd] = Running(call, proc, pidfd, out_path, time.time(), deadline)
+        log.debug('run %s: started %s (pid %d)', run_id, job.name, proc.pid)
+
+    # -- finishing ---------------------------------------------------------
+    def reap(self, pidfd: int) -> None:
+        r = self.running.pop(pidfd)
+        rc = r.proc.wait()
+        os.close(pidfd)
+        if r.why_killed:
+            self._killpg(r, signal.SIGKILL)   # sweep what is left of the group
+        finished = time.time()
+        code, sig, reason = describe_exit(rc)
+        if r.why_killed:
+            reason = f'{r.why_killed}; {reason}'
+        state = 'succeeded' if rc == 0 and not r.why_killed else 'failed'
+        result = {'state': state, 'rc': code, 'signal': sig, 'reason': reason,
+                  'started': r.started, 'finished': finished, 'output_tail': self._tail(r.out_path)}
+        job = self.jobs[r.call['job']]
+        urls = self.handler_urls(job, r.call, state, rc)
+        self.agent.finish(str(r.call['run_id']), result, urls)
+        log.info('run %s: %s %s (%s, %.3fs)', r.call['run_id'], job.name, state, reason,
+                 finished - r.started)
+
+    def _tail(self, path: str) -> str:
+        try:
+            with open(path, 'rb') as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - self.output_tail))
+                data = f.read()
+            os.unlink(path)
+        except OSError:
+            return ''
+        return data.decode('utf-8', 'replace')
+
+    def handler_urls(self, job: Job, call: dict, state: str, rc: int) -> list[str]:
+        template = job.on_success if state == 'succeeded' else job.on_failure
+        if not template:
+            return []
+        values = dict(call['params'], job_name=job.name, run_id=str(call['run_id']),
+                      worker=self.name, rc=str(rc), state=state)
+        try:
+            url = render_url(template, values, self.url)
+        except KeyError as e:
+            log.error('run %s: handler URL needs %r, which the call does not carry', call['run_id'], e.args[0])
+            return []
+        if 'key' not in dict(parse_qsl(urlsplit(url).query)):
+            # Idempotent: a retried handler call never triggers the next step twice.
+            url = add_query(url, key=f"{call['run_id']}.{self.name}.{state}")
+        return [url]

@@ -1,0 +1,17 @@
+from setuptools import setup
+
+setup(
+    name='jobz',
+    version='0.1.0',
+    description='Distributed shell jobs triggered over HTTP, chained and synchronized (ZeroMQ + Mongrel2)',
+    packages=['jobz'],
+    py_modules=['broker', 'worker', 'semaphore'],
+    python_requires='>=3.11',
+    install_requires=['pyzmq>=25', 'PyYAML>=6'],
+    extras_require={'test': ['pytest>=7', 'hypothesis>=6']},
+    entry_points={'console_scripts': [
+        'jobz-broker=broker:main',
+        'jobz-worker=worker:main',
+        'jobz-semaphore=semaphore:main',
+    ]},
+)

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""jobz worker: connects out to the broker and runs its own command for each call of its topics."""
+import logging
+import os
+import signal
+import sys
+
+import zmq
+
+from jobz import defaults
+from jobz.agent import Agent
+from jobz.cli import Parser, load_or_exit, setup_logging
+from jobz.jobfile import NAME_RE
+from jobz.worker import Worker
+
+log = logging.getLogger('jobz.worker')
+
+
+def parse_args(argv=None):
+    ap = Parser(description=__doc__)
+    ap.option('--name', env='JOBZ_NAME', default=defaults.HOSTNAME,
+              help='worker name, unique among workers (its state is kept under it)')
+    ap.jobs_option()
+    ap.option('--topics', env='JOBZ_TOPICS', default=None,
+              help='comma-separated topics to subscribe to (default: the topics of the jobs with a command)')
+    ap.option('--home', env='JOBZ_HOME', default=defaults.HOME, help='state folder')
+    ap.option('--pub', env='JOBZ_PUB', default=defaults.PUB, help="broker's address for live calls")
+    ap.option('--router', env='JOBZ_ROUTER', default=defaults.ROUTER, help="broker's address for sync and results")
+    ap.option('--url', env='JOBZ_URL', default=defaults.URL,
+              help='front-end base URL for on_success/on_failure and for commands (JOBZ_URL)')
+    ap.option('--concurrency', env='JOBZ_CONCURRENCY', default=os.cpu_count() or 1, type=int,
+              help='jobs run at once')
+    ap.option('--kill-grace', env='JOBZ_KILL_GRACE', default=5.0, type=float,
+              help='seconds between TERM and KILL when a job times out')
+    ap.option('--output-tail', env='JOBZ_OUTPUT_TAIL', default=4096, type=int,
+              help='bytes of output kept per run')
+    ap.option('--sync-interval', env='JOBZ_SYNC_INTERVAL', default=1.0, type=float,
+              help='seconds between syncs (heartbeats) with the broker')
+    ap.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
+    args = ap.parse_args(argv)
+    if not NAME_RE.match(args.name):
+        ap.error(f'--name {args.name!r} may only hold letters, digits and _ . -')
+    if args.concurrency < 1:
+        ap.error('--concurrency must be at least 1')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    jobs = load_or_exit(args.jobs, log)
+    topics = args.topics.split(',') if args.topics else sorted({j.topic for j in jobs.values() if j.command})
+    topics = [t.strip() for t in topics if t.strip()]
+    bad = [t for t in topics if not NAME_RE.match(t)]
+    if bad or not topics:
+        sys.exit(f'error: no usable topics ({", ".join(bad) or "the job files define no command jobs"})')
+    out_dir = os.path.join(args.home, 'output', args.name)
+    os.makedirs(out_dir, exist_ok=True)
+    ctx = zmq.Context()
+    agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
+                  db_path=os.path.join(args.home, f'worker-{args.name}.db'), sync_interval=args.sync_interval)
+    worker = Worker(agent, jobs, name=args.name, url=args.url, out_dir=out_dir,
+                    concurrency=args.concurrency, kill_grace=args.kill_grace, output_tail=args.output_tail)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, worker.request_stop)
+    log.info('worker %s up: topics %s, concurrency %d, broker %s', args.name, ', '.join(topics),
+             args.concurrency, args.router)
+    worker.run()
+    agent.close()
+    ctx.term()
+    log.info('worker %s stopped', args.name)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
