@@ -3,9 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := mongrel2-core curl
 
-.PHONY: run test bench deps clean
+.PHONY: run test bench deps deps-apt clean
 
 run: deps
 	$(PY) -m jobz.stack
@@ -16,10 +15,10 @@ test: deps
 bench: deps
 	$(PY) bench/dispatch.py
 
-deps: .deps-apt $(VENV)/.installed
+deps: deps-apt $(VENV)/.installed
 
-# Debian packages: only when a command is missing (apt-get needs root, as here).
-.deps-apt:
+# Debian packages: checked every time, installed only when missing (apt-get needs root).
+deps-apt:
 	@missing=""; \
 	command -v mongrel2 >/dev/null || missing="$$missing mongrel2-core"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
@@ -28,7 +27,6 @@ deps: .deps-apt $(VENV)/.installed
 		echo "installing:$$missing"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
-	@touch $@
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,4 +34,4 @@ $(VENV)/.installed: setup.py
 	@touch $@
 
 clean:
-	rm -rf $(VENV) .deps-apt var build *.egg-info
+	rm -rf $(VENV) var build *.egg-info
