@@ -46,7 +46,8 @@ class Stack:
     """The processes of one jobz installation, started and stopped together."""
 
     def __init__(self, home: str, jobs: list[str], port: int = defaults.PORT, ports: dict | None = None,
-                 python: str = sys.executable, worker_args=(), mongrel2_conf: str | None = None):
+                 python: str = sys.executable, worker_args=(), mongrel2_conf: str | None = None,
+                 log_dir: str | None = None):
         self.home = os.path.abspath(home)
         self.jobs = [os.path.abspath(j) for j in jobs]
         self.port = port
@@ -54,6 +55,7 @@ class Stack:
         self.python = python
         self.worker_args = list(worker_args)
         self.mongrel2_conf = mongrel2_conf or os.path.join(ROOT, 'mongrel2.conf')
+        self.log_dir = log_dir          # None: processes write to our stdout/stderr
         self.procs: dict[str, subprocess.Popen] = {}
         self.url = f'http://127.0.0.1:{port}'
 
@@ -65,7 +67,12 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
         log.info('starting %s', name)
-        proc = subprocess.Popen(argv, **kw)
+        if self.log_dir and 'stdout' not in kw:
+            os.makedirs(self.log_dir, exist_ok=True)
+            with open(os.path.join(self.log_dir, name + '.log'), 'ab') as out:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, **kw)
+        else:
+            proc = subprocess.Popen(argv, **kw)
         self.procs[name] = proc
         return proc
 
@@ -111,11 +118,13 @@ class Stack:
                        stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, LOGNAME='root'))
 
     def start(self, workers=('local',), semaphore: bool = True, timeout: float = 30.0) -> None:
+        """Start everything; `workers` holds names, or (name, [extra worker flags]) pairs."""
         os.makedirs(self.home, exist_ok=True)
         jobs = load_jobs(self.jobs)    # fail here, loudly, before anything starts
         self.start_broker()
-        for name in workers:
-            self.start_worker(name)
+        for worker in workers:
+            name, extra = (worker, []) if isinstance(worker, str) else worker
+            self.start_worker(name, *extra)
         if semaphore and any(j.semaphore for j in jobs.values()):
             self.start_semaphore()
         self.start_mongrel2()
