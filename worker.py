@@ -21,15 +21,15 @@ def parse_args(argv=None):
     ap.option('--name', env='JOBZ_NAME', default=defaults.HOSTNAME,
               help='worker name, unique among workers (its state is kept under it)')
     ap.jobs_option()
-    ap.option('--topics', env='JOBZ_TOPICS', default=None,
-              help='comma-separated topics to subscribe to (default: the topics of the jobs with a command)')
+    ap.option('--topics', env='JOBZ_TOPICS', default=None, shown='the topics of the jobs with a command',
+              help='comma-separated topics to subscribe to')
     ap.option('--home', env='JOBZ_HOME', default=defaults.HOME, help='state folder')
     ap.option('--pub', env='JOBZ_PUB', default=defaults.PUB, help="broker's address for live calls")
     ap.option('--router', env='JOBZ_ROUTER', default=defaults.ROUTER, help="broker's address for sync and results")
     ap.option('--url', env='JOBZ_URL', default=defaults.URL,
               help='front-end base URL for on_success/on_failure and for commands (JOBZ_URL)')
     ap.option('--concurrency', env='JOBZ_CONCURRENCY', default=os.cpu_count() or 1, type=int,
-              help='jobs run at once')
+              shown='the number of CPUs', help='jobs run at once')
     ap.option('--kill-grace', env='JOBZ_KILL_GRACE', default=5.0, type=float,
               help='seconds between TERM and KILL when a job times out')
     ap.option('--output-tail', env='JOBZ_OUTPUT_TAIL', default=4096, type=int,

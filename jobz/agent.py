@@ -185,7 +185,8 @@ class Agent:
             "SELECT call FROM calls WHERE state = 'started' ORDER BY at")]
 
     # -- reporting --------------------------------------------------------
-    def mark_started(self, calls: list[dict]) -> None:
+    def mark_started(self, calls: list[dict]) -> float:
+        """Record calls as started (durably, before they run); return the start time."""
         started = time.time()
         self.db.execute('BEGIN')
         self.db.executemany("UPDATE calls SET state = 'started', at = ? WHERE run_id = ?",
@@ -193,6 +194,7 @@ class Agent:
         self.db.execute('COMMIT')
         for call in calls:
             self._send(p.STARTED, {'run_id': call['run_id'], 'started': started})
+        return started
 
     def finish(self, run_id: str, result: dict, urls: list[str] = (), inside=None) -> None:
         """Record a result and its handler URLs durably, then send the result.

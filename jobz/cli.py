@@ -8,10 +8,10 @@ from .jobfile import JobFileError, load_jobs
 
 
 class Parser(argparse.ArgumentParser):
-    def option(self, *flags, env: str, default=None, help: str = '', **kw):
+    def option(self, *flags, env: str, default=None, help: str = '', shown=None, **kw):
         """A flag whose default comes from the environment variable `env`, then `default`."""
         value = os.environ.get(env, default)
-        shown = 'none' if default is None else default
+        shown = shown or ('none' if default is None else default)
         self.add_argument(*flags, default=value, help=f'{help} (default: {shown}; env {env})', **kw)
 
     def jobs_option(self):

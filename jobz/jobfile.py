@@ -119,6 +119,9 @@ def parse_job(name, spec, source: str) -> Job:
         if not isinstance(value, (str, int, float)) or UNSAFE_RE.search(str(value)) or str(value) == '':
             raise JobFileError(f"{where}: 'defaults': value of {pname!r} must be non-empty and use "
                                f"only letters, digits and _ . , : @ + = / -")
+        rule = job.params.get(pname)
+        if rule is not None and not rule.fullmatch(str(value)):
+            raise JobFileError(f"{where}: 'defaults': value of {pname!r} does not match its rule in 'params'")
         job.defaults[pname] = str(value)
     if 'timeout' in spec:
         t = spec['timeout']
@@ -143,6 +146,23 @@ def _parse_semaphore(where: str, spec) -> dict:
     return {'count': count, 'key': key}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error, not a silent overwrite."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f'duplicate key {key!r}', key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def job_files(path: str) -> list[str]:
     if os.path.isdir(path):
         return sorted(os.path.join(path, f) for f in os.listdir(path)
@@ -161,7 +181,7 @@ def load_jobs(paths) -> dict[str, Job]:
         for source in job_files(path):
             try:
                 with open(source, encoding='utf-8') as f:
-                    data = yaml.safe_load(f)
+                    data = yaml.load(f, Loader=_UniqueKeyLoader)
             except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
                 raise JobFileError(f'{source}: cannot read YAML: {e}') from None
             if data is None:
@@ -200,6 +220,9 @@ def prepare_params(job: Job, query: dict) -> tuple[dict, list]:
                 changed.append(name)
             value = clean
         params[name] = value
+    if len({n.upper() for n in params}) != len(params):
+        # They would share one JOBZ_PARAM_<NAME> variable.
+        raise ParamError('parameter names differ only in case: ' + ', '.join(sorted(params)))
     missing = sorted(n for n in job.placeholders() if n not in params)
     if missing:
         raise ParamError(f"missing value for placeholder {', '.join(repr(n) for n in missing)}")

@@ -40,7 +40,7 @@ class Request:
         body, _ = parse_netstring(rest)
         try:
             headers = json.loads(raw_headers)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadMessage('headers are not JSON') from None
         if not isinstance(headers, dict):
             raise BadMessage('headers are not a JSON object')
@@ -60,7 +60,7 @@ class Request:
             return False
         try:
             return json.loads(self.body).get('type') == 'disconnect'
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return False
 
 

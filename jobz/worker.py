@@ -124,9 +124,9 @@ class Worker:
             batch.append((call, job, command, env))
         if not batch:
             return
-        self.agent.mark_started([c for c, _, _, _ in batch])   # on disk before anything runs
+        started = self.agent.mark_started([c for c, _, _, _ in batch])   # on disk before anything runs
         for call, job, command, env in batch:
-            self.spawn(call, job, command, env)
+            self.spawn(call, job, command, env, started)
 
     def prepare(self, call: dict) -> tuple[Job, str, dict]:
         """Check a call against this worker's own job files; raise ValueError with the reason."""
@@ -150,7 +150,7 @@ class Worker:
         env.update({f'JOBZ_PARAM_{k.upper()}': v for k, v in params.items()})
         return job, command, env
 
-    def spawn(self, call: dict, job: Job, command: str, env: dict) -> None:
+    def spawn(self, call: dict, job: Job, command: str, env: dict, started: float) -> None:
         run_id = str(call['run_id'])
         out_path = os.path.join(self.out_dir, run_id + '.log')
         try:
@@ -165,7 +165,7 @@ class Worker:
             self.agent.finish(run_id, {'state': 'failed', 'reason': f'cannot start: {e}'})
             return
         deadline = time.monotonic() + job.timeout if job.timeout else None
-        self.running[pidfd] = Running(call, proc, pidfd, out_path, time.time(), deadline)
+        self.running[pidfd] = Running(call, proc, pidfd, out_path, started, deadline)
         log.debug('run %s: started %s (pid %d)', run_id, job.name, proc.pid)
 
     # -- finishing ---------------------------------------------------------
