@@ -10,7 +10,6 @@ import zmq
 from jobz import defaults
 from jobz.agent import Agent
 from jobz.cli import Parser, load_or_exit, setup_logging
-from jobz.jobfile import NAME_RE
 from jobz.semaphore import Semaphore
 
 log = logging.getLogger('jobz.semaphore')
@@ -21,17 +20,8 @@ def parse_args(argv=None):
     ap.option('--name', env='JOBZ_NAME', default=defaults.HOSTNAME + '-semaphore',
               help='semaphore name, unique among workers (its counts are kept under it)')
     ap.jobs_option()
-    ap.option('--home', env='JOBZ_HOME', default=defaults.HOME, help='state folder')
-    ap.option('--pub', env='JOBZ_PUB', default=defaults.PUB, help="broker's address for live calls")
-    ap.option('--router', env='JOBZ_ROUTER', default=defaults.ROUTER, help="broker's address for sync and results")
-    ap.option('--url', env='JOBZ_URL', default=defaults.URL, help='front-end base URL for on_success')
-    ap.option('--sync-interval', env='JOBZ_SYNC_INTERVAL', default=1.0, type=float,
-              help='seconds between syncs (heartbeats) with the broker')
-    ap.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
-    args = ap.parse_args(argv)
-    if not NAME_RE.match(args.name):
-        ap.error(f'--name {args.name!r} may only hold letters, digits and _ . -')
-    return args
+    ap.agent_options()
+    return ap.parse_agent_args(argv)
 
 
 def main(argv=None) -> int:

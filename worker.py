@@ -23,23 +23,14 @@ def parse_args(argv=None):
     ap.jobs_option()
     ap.option('--topics', env='JOBZ_TOPICS', default=None, shown='the topics of the jobs with a command',
               help='comma-separated topics to subscribe to')
-    ap.option('--home', env='JOBZ_HOME', default=defaults.HOME, help='state folder')
-    ap.option('--pub', env='JOBZ_PUB', default=defaults.PUB, help="broker's address for live calls")
-    ap.option('--router', env='JOBZ_ROUTER', default=defaults.ROUTER, help="broker's address for sync and results")
-    ap.option('--url', env='JOBZ_URL', default=defaults.URL,
-              help='front-end base URL for on_success/on_failure and for commands (JOBZ_URL)')
+    ap.agent_options()
     ap.option('--concurrency', env='JOBZ_CONCURRENCY', default=os.cpu_count() or 1, type=int,
               shown='the number of CPUs', help='jobs run at once')
     ap.option('--kill-grace', env='JOBZ_KILL_GRACE', default=5.0, type=float,
               help='seconds between TERM and KILL when a job times out')
     ap.option('--output-tail', env='JOBZ_OUTPUT_TAIL', default=4096, type=int,
               help='bytes of output kept per run')
-    ap.option('--sync-interval', env='JOBZ_SYNC_INTERVAL', default=1.0, type=float,
-              help='seconds between syncs (heartbeats) with the broker')
-    ap.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
-    args = ap.parse_args(argv)
-    if not NAME_RE.match(args.name):
-        ap.error(f'--name {args.name!r} may only hold letters, digits and _ . -')
+    args = ap.parse_agent_args(argv)
     if args.concurrency < 1:
         ap.error('--concurrency must be at least 1')
     return args

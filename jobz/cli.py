@@ -4,7 +4,8 @@ import logging
 import os
 import sys
 
-from .jobfile import JobFileError, load_jobs
+from . import defaults
+from .jobfile import NAME_RE, JobFileError, load_jobs
 
 
 class Parser(argparse.ArgumentParser):
@@ -15,10 +16,28 @@ class Parser(argparse.ArgumentParser):
         self.add_argument(*flags, default=value, help=f'{help} (default: {shown}; env {env})', **kw)
 
     def jobs_option(self):
-        default = os.environ.get('JOBZ_JOBS', 'jobs/')
+        default = os.environ.get('JOBZ_JOBS', defaults.JOBS)
         self.add_argument('--jobs', nargs='+', default=default.split(':'), metavar='PATH',
                           help='job files or folders of *.yaml (default: jobs/; env JOBZ_JOBS, '
                                'several separated by colons)')
+
+    def agent_options(self):
+        """Flags shared by worker.py and semaphore.py: state, the broker, the front end."""
+        self.option('--home', env='JOBZ_HOME', default=defaults.HOME, help='state folder')
+        self.option('--pub', env='JOBZ_PUB', default=defaults.PUB, help="broker's address for live calls")
+        self.option('--router', env='JOBZ_ROUTER', default=defaults.ROUTER,
+                    help="broker's address for sync and results")
+        self.option('--url', env='JOBZ_URL', default=defaults.URL,
+                    help='front-end base URL for on_success/on_failure (and $JOBZ_URL in commands)')
+        self.option('--sync-interval', env='JOBZ_SYNC_INTERVAL', default=1.0, type=float,
+                    help='seconds between syncs (heartbeats) with the broker')
+        self.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
+
+    def parse_agent_args(self, argv):
+        args = self.parse_args(argv)
+        if not NAME_RE.match(args.name):
+            self.error(f'--name {args.name!r} may only hold letters, digits and _ . -')
+        return args
 
 
 def setup_logging(verbose: bool) -> None:

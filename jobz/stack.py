@@ -47,7 +47,7 @@ class Stack:
 
     def __init__(self, home: str, jobs: list[str], port: int = defaults.PORT, ports: dict | None = None,
                  python: str = sys.executable, worker_args=(), mongrel2_conf: str | None = None,
-                 log_dir: str | None = None):
+                 log_dir: str | None = None, bind: str = '127.0.0.1'):
         self.home = os.path.abspath(home)
         self.jobs = [os.path.abspath(j) for j in jobs]
         self.port = port
@@ -57,10 +57,13 @@ class Stack:
         self.mongrel2_conf = mongrel2_conf or os.path.join(ROOT, 'mongrel2.conf')
         self.log_dir = log_dir          # None: processes write to our stdout/stderr
         self.procs: dict[str, subprocess.Popen] = {}
-        self.url = f'http://127.0.0.1:{port}'
+        self.bind = bind                # the one address every server socket binds to
+        self.url = f'http://{bind}:{port}'
 
     def addr(self, name: str) -> str:
-        return f'tcp://127.0.0.1:{self.ports[name]}'
+        # Mongrel2's handler sockets stay on loopback: whoever reaches them can read requests.
+        host = '127.0.0.1' if name.startswith('m2_') else self.bind
+        return f'tcp://{host}:{self.ports[name]}'
 
     def links(self) -> list[str]:
         return ['--pub', self.addr('pub'), '--router', self.addr('router'), '--url', self.url]
@@ -99,7 +102,8 @@ class Stack:
         for sub in ('logs', 'run', 'tmp'):
             os.makedirs(os.path.join(chroot, sub), exist_ok=True)
         with open(self.mongrel2_conf, encoding='utf-8') as f:
-            conf = render_mongrel2_conf(f.read(), self.port, self.addr('m2_recv'), self.addr('m2_send'))
+            conf = render_mongrel2_conf(f.read(), self.port, self.addr('m2_recv'), self.addr('m2_send'),
+                                        self.bind)
         with open(os.path.join(chroot, 'mongrel2.conf'), 'w', encoding='utf-8') as f:
             f.write(conf)
         db = os.path.join(chroot, 'config.sqlite')

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .agent import Agent
-from .jobfile import Job, UNSAFE_RE, render_command, render_url, add_query
+from .jobfile import NAME_RE, Job, UNSAFE_RE, render_command, render_url, add_query
 
 log = logging.getLogger('jobz.worker')
 
@@ -130,6 +130,8 @@ class Worker:
 
     def prepare(self, call: dict) -> tuple[Job, str, dict]:
         """Check a call against this worker's own job files; raise ValueError with the reason."""
+        if not NAME_RE.match(str(call.get('run_id'))):
+            raise ValueError('call has a malformed run id')    # it names files: no '../' from a broker
         job = self.jobs.get(call.get('job'))
         if job is None or not job.command:
             raise ValueError(f"no command for job {call.get('job')!r} on worker {self.name}")
