@@ -47,6 +47,9 @@ both:
 elsewhere:
   command: "true"
   topic: other
+otherwise:
+  command: "true"
+  topic: otherwise
 part:
   command: "true"
   on_success: "/job_start?job_name=gate10&date=%(date)s"
@@ -181,6 +184,17 @@ def test_worker_without_command_reports_failure(stack):
     assert status['workers']['w1']['state'] == 'succeeded'
     assert status['workers']['w2']['state'] == 'failed'
     assert "no command for job 'elsewhere' on worker w2" in status['workers']['w2']['reason']
+
+
+def test_topic_is_not_matched_by_prefix(stack):
+    """w2 subscribes to `other`; a call on `otherwise` must not reach it (SUB matches prefixes)."""
+    run = stack.start_job('job_name=otherwise')
+    assert run['workers'] == ['w1']
+    # A later call that w2 does get: once it reported that, it has seen everything published before.
+    later = stack.start_job('job_name=elsewhere')
+    stack.wait_run(later['run_id'])
+    status = stack.wait_run(run['run_id'])
+    assert list(status['workers']) == ['w1'] and status['state'] == 'succeeded'
 
 
 def test_fan_in_of_ten_releases_once(stack):
