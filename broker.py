@@ -32,6 +32,10 @@ def parse_args(argv=None):
               help='seconds without a heartbeat before a worker is no longer expected for new runs')
     ap.option('--max-body', env='JOBZ_MAX_BODY', default=65536, type=int,
               help='largest request body accepted, in bytes (larger: 413)')
+    ap.option('--keep-days', env='JOBZ_KEEP_DAYS', default=30.0, type=float,
+              help='runs older than this are pruned from the journal once every worker has taken them')
+    ap.option('--pub-hwm', env='JOBZ_PUB_HWM', default=100000, type=int,
+              help='calls queued per worker before live delivery drops (they are caught up by sync)')
     ap.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
     return ap.parse_args(argv)
 
@@ -45,7 +49,7 @@ def main(argv=None) -> int:
     broker = Broker(jobs, Journal(os.path.join(args.home, 'journal.db')), ctx,
                     m2_recv=args.m2_recv, m2_send=args.m2_send, m2_ident=args.m2_ident,
                     pub=args.pub, router=args.router, worker_timeout=args.worker_timeout,
-                    max_body=args.max_body)
+                    max_body=args.max_body, keep_days=args.keep_days, pub_hwm=args.pub_hwm)
 
     def stop(signum, frame):
         broker.stopping = True    # only a flag: the loop finishes its burst and leaves

@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     os.makedirs(args.home, exist_ok=True)
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
-                  db_path=os.path.join(args.home, f'semaphore-{args.name}.db'), sync_interval=args.sync_interval)
+                  db_path=os.path.join(args.home, f'semaphore-{args.name}.db'), sync_interval=args.sync_interval,
+                  rcvhwm=args.rcvhwm)
     sem = Semaphore(agent, jobs, name=args.name, url=args.url)
     signal.signal(signal.SIGTERM, sem.request_stop)
     signal.signal(signal.SIGINT, sem.request_stop)

@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
-                  db_path=os.path.join(args.home, f'worker-{args.name}.db'), sync_interval=args.sync_interval)
+                  db_path=os.path.join(args.home, f'worker-{args.name}.db'), sync_interval=args.sync_interval,
+                  rcvhwm=args.rcvhwm)
     worker = Worker(agent, jobs, name=args.name, url=args.url, out_dir=out_dir,
                     concurrency=args.concurrency, kill_grace=args.kill_grace, output_tail=args.output_tail)
     signal.signal(signal.SIGTERM, worker.request_stop)

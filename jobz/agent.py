@@ -24,11 +24,13 @@ log = logging.getLogger('jobz.agent')
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors (topic TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS calls (
-    run_id TEXT PRIMARY KEY,
-    call   TEXT NOT NULL,
-    state  TEXT NOT NULL,          -- queued, started, done
-    at     REAL NOT NULL
+    run_id   TEXT PRIMARY KEY,
+    call     TEXT NOT NULL,
+    state    TEXT NOT NULL,        -- queued, started, done
+    at       REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS calls_state ON calls (state, at);
 CREATE TABLE IF NOT EXISTS outbox (run_id TEXT PRIMARY KEY, result TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS http_out (
     id      INTEGER PRIMARY KEY,
@@ -40,6 +42,7 @@ CREATE TABLE IF NOT EXISTS http_out (
 """
 RESEND_AFTER = 3.0      # seconds without an ACK before a result is sent again
 HTTP_GIVE_UP = 86400.0  # a handler URL that keeps failing is dropped (with an error) after a day
+KEEP_DONE = 7 * 86400.0 # how long the ids of done calls are kept to recognise a replay
 
 
 def fetch(url: str, timeout: float = 30.0) -> int:
@@ -54,21 +57,31 @@ def fetch(url: str, timeout: float = 30.0) -> int:
 
 class Agent:
     def __init__(self, ctx: zmq.Context, name: str, topics: list[str], *, pub: str, router: str,
-                 db_path: str, sync_interval: float = 1.0, running=lambda: 0):
+                 db_path: str, sync_interval: float = 1.0, running=lambda: 0, rcvhwm: int = 1000):
         self.name = name
         self.topics = sorted(set(topics))
         self.sync_interval = sync_interval
         self.running = running          # how many jobs the owner runs now (for /workers)
         self.sub = ctx.socket(zmq.SUB)
-        self.sub.linger = 0
+        self.sub.rcvhwm = rcvhwm        # past it live calls drop; the gap triggers a SYNC
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.routing_id = name.encode()
+        self.dealer.sndhwm = 10000
+        for sock in (self.sub, self.dealer):
+            sock.linger = 0
+            # ZMTP heartbeats: a hung broker or a silent network drop closes the connection within
+            # seconds, and ZeroMQ reconnects. A random base interval keeps many workers from
+            # knocking on a restarted broker all at the same moment.
+            sock.heartbeat_ivl, sock.heartbeat_timeout, sock.heartbeat_ttl = 1000, 3000, 6000
+            sock.reconnect_ivl = random.randint(100, 400)
+            sock.reconnect_ivl_max = 5000
         for topic in self.topics:
             self.sub.subscribe(p.topic_frame(topic))
         self.sub.connect(pub)
-        self.dealer = ctx.socket(zmq.DEALER)
-        self.dealer.linger = 0
-        self.dealer.routing_id = name.encode()
-        self.dealer.sndhwm = 10000
         self.dealer.connect(router)
+        self.heard = time.monotonic()   # when the broker last said anything
+        self.silent = False
+        self.prune_due = 0.0
         self.db = sqlite3.connect(db_path, isolation_level=None)
         self.db.execute('PRAGMA journal_mode=WAL')
         self.db.execute('PRAGMA synchronous=FULL')
@@ -142,6 +155,7 @@ class Agent:
                 log.warning('dropping a broker message with %d frames', len(frames))
                 continue
             verb, payload = frames
+            self.heard = time.monotonic()
             try:
                 msg = p.unpack(payload)
                 if verb == p.CALLS:
@@ -167,8 +181,8 @@ class Agent:
         new = []
         self.db.execute('BEGIN')
         for call in calls:
-            cur = self.db.execute("INSERT OR IGNORE INTO calls VALUES (?, ?, 'queued', ?)",
-                                  (str(call['run_id']), json.dumps(call), time.time()))
+            cur = self.db.execute("INSERT OR IGNORE INTO calls (run_id, call, state, at) "
+                                  "VALUES (?, ?, 'queued', ?)", (str(call['run_id']), json.dumps(call), time.time()))
             if cur.rowcount:
                 new.append(call)
         self.db.executemany('INSERT OR REPLACE INTO cursors VALUES (?, ?)', self.cursors.items())
@@ -179,17 +193,17 @@ class Agent:
         return [json.loads(c) for (c,) in self.db.execute(
             "SELECT call FROM calls WHERE state = 'queued' ORDER BY at")]
 
-    def interrupted(self) -> list[dict]:
-        """Calls started before a crash: they are reported, never silently run again."""
-        return [json.loads(c) for (c,) in self.db.execute(
-            "SELECT call FROM calls WHERE state = 'started' ORDER BY at")]
+    def interrupted(self) -> list[tuple[dict, int]]:
+        """(call, times started) of calls that were running when the owner stopped."""
+        return [(json.loads(c), n) for c, n in self.db.execute(
+            "SELECT call, attempts FROM calls WHERE state = 'started' ORDER BY at")]
 
     # -- reporting --------------------------------------------------------
     def mark_started(self, calls: list[dict]) -> float:
         """Record calls as started (durably, before they run); return the start time."""
         started = time.time()
         self.db.execute('BEGIN')
-        self.db.executemany("UPDATE calls SET state = 'started', at = ? WHERE run_id = ?",
+        self.db.executemany("UPDATE calls SET state = 'started', at = ?, attempts = attempts + 1 WHERE run_id = ?",
                             [(started, c['run_id']) for c in calls])
         self.db.execute('COMMIT')
         for call in calls:
@@ -222,6 +236,13 @@ class Agent:
 
     # -- clock work -------------------------------------------------------
     def tick(self, now: float) -> None:
+        silence = now - self.heard
+        if silence > max(3.0, 3 * self.sync_interval) and not self.silent:
+            log.warning('broker silent for %.1fs; reconnecting, and catching up once it answers', silence)
+            self.silent = True
+        elif silence < self.sync_interval and self.silent:
+            log.info('broker answering again')
+            self.silent = False
         if self.sync_sent is not None and now - self.sync_sent > max(5.0, 3 * self.sync_interval):
             self.sync_sent = None    # the answer was lost (broker restart): ask again
         if self.sync_sent is None and now >= self.sync_due:
@@ -232,6 +253,9 @@ class Agent:
                 self._send(p.RESULT, json.loads(result))
                 self.sent_at[run_id] = now
         self._http_tick()
+        if now >= self.prune_due:
+            self.prune_due = now + 3600.0
+            self.prune()
 
     def _http_tick(self) -> None:
         while True:
@@ -273,6 +297,10 @@ class Agent:
             ok = False
         self.http_done.put((row_id, ok))
         os.write(self.wake_w, b'.')
+
+    def prune(self) -> None:
+        """Forget done calls after KEEP_DONE; the journal will not hand them out again by then."""
+        self.db.execute("DELETE FROM calls WHERE state = 'done' AND at < ?", (time.time() - KEEP_DONE,))
 
     def pending(self) -> tuple[int, int]:
         """(results not yet acknowledged, handler calls not yet made)."""

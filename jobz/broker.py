@@ -47,21 +47,32 @@ def encode(obj) -> bytes:
 class Broker:
     def __init__(self, jobs: dict[str, Job], journal: Journal, ctx: zmq.Context, *,
                  m2_recv: str, m2_send: str, m2_ident: str, pub: str, router: str,
-                 worker_timeout: float = 5.0, max_body: int = 65536):
+                 worker_timeout: float = 5.0, max_body: int = 65536, keep_days: float = 30.0,
+                 pub_hwm: int = 100000):
         self.jobs = jobs
         self.journal = journal
         self.worker_timeout = worker_timeout
+        self.keep = keep_days * 86400.0
+        self.prune_due = 0.0
         self.max_body = max_body
         self.m2 = Connection(ctx, m2_recv, m2_send, m2_ident)
         self.pub = ctx.socket(zmq.PUB)
         self.pub.linger = 0
-        self.pub.sndhwm = 100000
+        self.pub.sndhwm = pub_hwm    # past it PUB drops for that worker; SYNC recovers the calls
         self.pub.bind(pub)
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted worker takes over its name
+        for sock in (self.pub, self.router):
+            # ZMTP heartbeats: a worker host that vanished is dropped instead of queued for forever.
+            sock.heartbeat_ivl, sock.heartbeat_timeout = 2000, 6000
         self.router.bind(router)
-        self.workers: dict[str, dict] = {}   # name -> {'topics', 'seen', 'seen_at', 'cursors', 'running'}
+        self.workers: dict[str, dict] = {}   # name -> {'topics', 'seen', 'seen_at', 'cursors', 'running', 'saved'}
+        for name, topics, cursors, last_seen in journal.load_workers():
+            # Back from the registry: a worker seen just before a restart is still expected.
+            self.workers[name] = {'topics': set(topics), 'cursors': cursors, 'seen_at': last_seen,
+                                  'seen': time.monotonic() - (time.time() - last_seen), 'running': 0,
+                                  'saved': time.monotonic()}
         self.waiters: dict[str, list] = {}   # run_id -> [(request, deadline)]
         self.new_waits: list = []            # waits of this burst, kept only if it commits
         self.stopping = False
@@ -123,7 +134,10 @@ class Broker:
                 raise
 
     def tick(self, now: float) -> None:
-        """Clock work after every poll: answer waits that ran out of time."""
+        """Clock work after every poll: answer waits that ran out of time, prune now and then."""
+        if now >= self.prune_due:
+            self.prune_due = now + min(60.0, max(1.0, self.keep / 10))
+            self.prune()
         for run_id, waits in list(self.waiters.items()):
             expired = [w for w in waits if w[1] <= now]
             if not expired:
@@ -134,6 +148,28 @@ class Broker:
             self.waiters[run_id] = [w for w in waits if w[1] > now]
             if not self.waiters[run_id]:
                 del self.waiters[run_id]
+
+    def prune(self) -> int:
+        """Drop runs older than --keep-days that every remembered worker has taken."""
+        cutoff = time.time() - self.keep
+        slowest: dict[str, int] = {}
+        for w in self.workers.values():
+            if w['seen_at'] >= cutoff:    # a worker silent for longer holds nothing back
+                for topic, seq in w['cursors'].items():
+                    slowest[topic] = min(seq, slowest.get(topic, seq))
+        self.journal.begin()
+        try:
+            n = self.journal.prune(cutoff, slowest)
+            for name in [n for n, w in self.workers.items() if w['seen_at'] < cutoff]:
+                self.journal.forget_worker(name)
+                del self.workers[name]
+            self.journal.commit()
+        except Exception:
+            self.journal.rollback()
+            raise
+        if n:
+            log.info('pruned %d runs older than %.0f days', n, self.keep / 86400)
+        return n
 
     def check_waiters(self, run_id: str) -> None:
         if run_id not in self.waiters:
@@ -238,8 +274,9 @@ class Broker:
             except ParamError as e:
                 raise HttpError(400, str(e)) from None
             run_id = new_run_id()
+            parent = q.get('parent') if q.get('parent') and self.journal.exists(q['parent']) else None
             call = self.journal.add_run(run_id, job.name, job.topic, params, sanitized, key,
-                                        self.expected_workers(job.topic))
+                                        self.expected_workers(job.topic), parent, job.expires)
             pubs.append([p.topic_frame(job.topic), p.pack(call)])
             log.info('run %s: job %s on topic %s, seq %d', run_id, job.name, job.topic, call['seq'])
             existing = False
@@ -305,7 +342,11 @@ class Broker:
                     log.info('run %s: %s on %s', run_id, msg['state'], worker)
                 out.append([ident, p.ACK, p.pack({'run_id': run_id})])
             elif verb == p.BYE:
-                self.workers.pop(worker, None)
+                w = self.workers.get(worker)
+                if w:    # remembered (its cursor still guards pruning), no longer expected
+                    w['seen'] = float('-inf')
+                    self.journal.save_worker(worker, w['topics'], w['cursors'],
+                                             time.time() - self.worker_timeout - 1)
                 log.info('worker %s left', worker)
             else:
                 log.warning('dropping unknown verb %r from %s', verb, worker)
@@ -314,10 +355,8 @@ class Broker:
 
     def on_sync(self, worker: str, msg: dict) -> dict:
         """Register or refresh a worker and hand it the calls it has not seen."""
-        topics = [t for t in msg.get('topics', []) if isinstance(t, str)][:1000]
-        cursors = msg.get('cursors') or {}
-        if worker not in self.workers:
-            log.info('worker %s joined for topics %s', worker, ', '.join(topics))
+        topics = sorted({t for t in msg.get('topics', []) if isinstance(t, str)})[:1000]
+        cursors = msg.get('cursors') if isinstance(msg.get('cursors'), dict) else {}
         calls, new_cursors, more = [], {}, False
         for topic in topics:
             head = self.journal.heads.get(topic, 0)
@@ -325,12 +364,24 @@ class Broker:
             if not isinstance(cursor, int) or cursor > head:
                 new_cursors[topic] = head    # a new subscription starts now
                 continue
+            oldest = self.journal.oldest_seq(topic)
+            if oldest is not None and cursor < oldest - 1:
+                log.warning('worker %s is behind the journal on %s: calls %d to %d were pruned',
+                            worker, topic, cursor + 1, oldest - 1)
             batch = self.journal.calls_after(topic, cursor, SYNC_BATCH)
             calls += batch
             new_cursors[topic] = batch[-1]['seq'] if batch else cursor
             more = more or len(batch) == SYNC_BATCH
-        self.workers[worker] = {'topics': set(topics), 'seen': time.monotonic(), 'seen_at': time.time(),
-                                'cursors': new_cursors, 'running': msg.get('running', 0)}
+        now = time.monotonic()
+        old = self.workers.get(worker)
+        if old is None or now - old['seen'] > self.worker_timeout:
+            log.info('worker %s joined for topics %s', worker, ', '.join(topics))
+        w = self.workers[worker] = {'topics': set(topics), 'seen': now, 'seen_at': time.time(),
+                                    'cursors': new_cursors, 'running': msg.get('running', 0),
+                                    'saved': old['saved'] if old else float('-inf')}
+        if old is None or old['topics'] != w['topics'] or now - w['saved'] >= 10.0 or more:
+            self.journal.save_worker(worker, topics, new_cursors, w['seen_at'])
+            w['saved'] = now
         return {'calls': calls, 'cursors': new_cursors, 'more': more}
 
     def close(self) -> None:

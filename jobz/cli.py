@@ -31,6 +31,8 @@ class Parser(argparse.ArgumentParser):
                     help='front-end base URL for on_success/on_failure (and $JOBZ_URL in commands)')
         self.option('--sync-interval', env='JOBZ_SYNC_INTERVAL', default=1.0, type=float,
                     help='seconds between syncs (heartbeats) with the broker')
+        self.option('--rcvhwm', env='JOBZ_RCVHWM', default=1000, type=int,
+                    help='live calls queued before ZeroMQ drops them (sync fetches what was dropped)')
         self.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
 
     def parse_agent_args(self, argv):

@@ -2,7 +2,7 @@
 import os
 import re
 from dataclasses import dataclass, field
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import yaml
 
@@ -15,8 +15,9 @@ PERCENT_RE = re.compile(r'%(?:%|\(([A-Za-z_][A-Za-z0-9_]*)\)s)')
 BUILTINS = {'job_name', 'run_id'}
 HANDLER_BUILTINS = BUILTINS | {'worker', 'rc', 'state'}
 # Query names with a meaning of their own; never job parameters.
-RESERVED = {'job_name', 'wait', 'key'}
-KEYS = {'command', 'topic', 'params', 'defaults', 'timeout', 'on_success', 'on_failure', 'semaphore'}
+RESERVED = {'job_name', 'wait', 'key', 'parent'}
+KEYS = {'command', 'topic', 'params', 'defaults', 'timeout', 'on_success', 'on_failure', 'semaphore',
+        'retry', 'expires'}
 
 
 class JobFileError(Exception):
@@ -38,7 +39,9 @@ class Job:
     timeout: float | None = None
     on_success: str | None = None
     on_failure: str | None = None
-    semaphore: dict | None = None                   # {'count': int, 'key': str | None}
+    semaphore: dict | None = None                   # {'count': int or 'all', 'key': str | None}
+    retry: dict | None = None                       # {'count': int, 'backoff': seconds}
+    expires: float | None = None                    # seconds after the trigger
 
     def placeholders(self) -> set:
         """Names a trigger must supply (built-ins excluded)."""
@@ -52,7 +55,8 @@ class Job:
                 'params': {k: v.pattern for k, v in self.params.items()},
                 'defaults': self.defaults, 'timeout': self.timeout,
                 'on_success': self.on_success, 'on_failure': self.on_failure,
-                'semaphore': self.semaphore, 'file': self.source}
+                'semaphore': self.semaphore, 'retry': self.retry, 'expires': self.expires,
+                'file': self.source}
 
 
 def placeholders(template: str) -> set:
@@ -123,27 +127,43 @@ def parse_job(name, spec, source: str) -> Job:
         if rule is not None and not rule.fullmatch(str(value)):
             raise JobFileError(f"{where}: 'defaults': value of {pname!r} does not match its rule in 'params'")
         job.defaults[pname] = str(value)
-    if 'timeout' in spec:
-        t = spec['timeout']
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-            raise JobFileError(f"{where}: 'timeout' must be a positive number of seconds")
-        job.timeout = float(t)
+    for key in ('timeout', 'expires'):
+        if key in spec:
+            setattr(job, key, _seconds(f"{where}: {key!r}", spec[key]))
+    if 'retry' in spec:
+        job.retry = _parse_retry(f"{where}: 'retry'", spec['retry'])
     for key in ('on_success', 'on_failure'):
         if spec.get(key) is not None:
             setattr(job, key, _check_url(f"{where}: {key!r}", spec[key]))
     return job
 
 
+def _seconds(where: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        raise JobFileError(f"{where} must be a positive number of seconds")
+    return float(value)
+
+
 def _parse_semaphore(where: str, spec) -> dict:
     if not isinstance(spec, dict) or set(spec) - {'count', 'key'}:
         raise JobFileError(f"{where} must be a mapping with 'count' and optional 'key'")
     count = spec.get('count')
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise JobFileError(f"{where}: 'count' must be a whole number of at least 1")
+    if count != 'all' and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise JobFileError(f"{where}: 'count' must be a whole number of at least 1, or 'all'")
     key = spec.get('key')
     if key is not None and (not isinstance(key, str) or not PARAM_NAME_RE.match(key)):
         raise JobFileError(f"{where}: 'key' must be a parameter name")
     return {'count': count, 'key': key}
+
+
+def _parse_retry(where: str, spec) -> dict:
+    """retry: {count: 2, backoff: 30} re-runs a call interrupted by a worker crash."""
+    if not isinstance(spec, dict) or set(spec) - {'count', 'backoff'}:
+        raise JobFileError(f"{where} must be a mapping with 'count' and optional 'backoff'")
+    count = spec.get('count')
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise JobFileError(f"{where}: 'count' must be a whole number of at least 1")
+    return {'count': count, 'backoff': _seconds(f"{where}: 'backoff'", spec.get('backoff', 10), allow_zero=True)}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -247,5 +267,10 @@ def render_url(template: str, values: dict, base: str) -> str:
     return url
 
 
-def add_query(url: str, **values) -> str:
-    return url + ('&' if '?' in url else '?') + urlencode(values)
+def link_url(url: str, parent: str, key: str) -> str:
+    """A handler URL that names the run it came from and carries an idempotency key.
+
+    The key makes a retried handler call never trigger twice; the parent links runs into chains."""
+    given = dict(parse_qsl(urlsplit(url).query))
+    extra = {k: v for k, v in (('key', key), ('parent', parent)) if k not in given}
+    return url + ('&' if '?' in url else '?') + urlencode(extra) if extra else url

@@ -15,9 +15,13 @@ CREATE TABLE IF NOT EXISTS runs (
     sanitized TEXT NOT NULL,
     key       TEXT UNIQUE,
     created   REAL NOT NULL,
+    parent    TEXT,                 -- the run whose handler (or semaphore release) triggered this one
+    expires   REAL,                 -- wall-clock time after which workers report `expired`
     UNIQUE (topic, seq)
 );
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, created);
+CREATE INDEX IF NOT EXISTS runs_created ON runs (created);
+CREATE INDEX IF NOT EXISTS runs_parent ON runs (parent);
 CREATE TABLE IF NOT EXISTS results (
     run_id      TEXT NOT NULL REFERENCES runs (run_id),
     worker      TEXT NOT NULL,
@@ -37,6 +41,12 @@ CREATE TABLE IF NOT EXISTS notes (
     note   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS notes_run ON notes (run_id);
+CREATE TABLE IF NOT EXISTS workers (        -- the registry, so a restarted broker knows who to expect
+    name      TEXT PRIMARY KEY,
+    topics    TEXT NOT NULL,
+    cursors   TEXT NOT NULL,
+    last_seen REAL NOT NULL
+);
 """
 OPEN = ('pending', 'running')
 
@@ -79,17 +89,37 @@ class Journal:
             self.heads = {r[0]: r[1] for r in self.db.execute('SELECT topic, max(seq) FROM runs GROUP BY topic')}
 
     def add_run(self, run_id: str, job: str, topic: str, params: dict, sanitized: list,
-                key: str | None, workers: list[str]) -> dict:
+                key: str | None, workers: list[str], parent: str | None = None,
+                expires: float | None = None) -> dict:
         """Journal a new run (inside the open transaction); return its call."""
         seq = self.heads.get(topic, 0) + 1
         created = time.time()
-        self.db.execute('INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
-                        (run_id, job, topic, seq, json.dumps(params), json.dumps(sanitized), key, created))
+        expires_at = created + expires if expires else None
+        self.db.execute('INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                        (run_id, job, topic, seq, json.dumps(params), json.dumps(sanitized), key, created,
+                         parent, expires_at))
         self.db.executemany("INSERT INTO results (run_id, worker, state) VALUES (?, ?, 'pending')",
                             [(run_id, w) for w in workers])
         self.heads[topic] = seq
-        return {'run_id': run_id, 'job': job, 'topic': topic, 'seq': seq,
-                'params': params, 'key': key, 'created': created}
+        return self._call(run_id, job, topic, seq, params, key, created, parent, expires_at)
+
+    def _call(self, run_id, job, topic, seq, params, key, created, parent, expires_at) -> dict:
+        call = {'run_id': run_id, 'job': job, 'topic': topic, 'seq': seq, 'params': params,
+                'key': key, 'created': created}
+        if parent:
+            # A semaphore with `count: all` needs to know whom the parent run waited for.
+            call['parent'] = parent
+            call['parent_workers'] = self.workers_of(parent)
+        if expires_at:
+            call['expires_at'] = expires_at
+        return call
+
+    def workers_of(self, run_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute('SELECT worker FROM results WHERE run_id = ? ORDER BY worker',
+                                              (run_id,))]
+
+    def exists(self, run_id: str) -> bool:
+        return self.db.execute('SELECT 1 FROM runs WHERE run_id = ?', (run_id,)).fetchone() is not None
 
     def run_by_key(self, key: str) -> str | None:
         row = self.db.execute('SELECT run_id FROM runs WHERE key = ?', (key,)).fetchone()
@@ -97,10 +127,12 @@ class Journal:
 
     def calls_after(self, topic: str, seq: int, limit: int) -> list[dict]:
         rows = self.db.execute('SELECT * FROM runs WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?',
-                               (topic, seq, limit))
-        return [{'run_id': r['run_id'], 'job': r['job'], 'topic': r['topic'], 'seq': r['seq'],
-                 'params': json.loads(r['params']), 'key': r['key'], 'created': r['created']}
-                for r in rows]
+                               (topic, seq, limit)).fetchall()
+        return [self._call(r['run_id'], r['job'], r['topic'], r['seq'], json.loads(r['params']), r['key'],
+                           r['created'], r['parent'], r['expires']) for r in rows]
+
+    def oldest_seq(self, topic: str) -> int | None:
+        return self.db.execute('SELECT min(seq) FROM runs WHERE topic = ?', (topic,)).fetchone()[0]
 
     def set_started(self, run_id: str, worker: str, started: float) -> bool:
         cur = self.db.execute(
@@ -142,10 +174,13 @@ class Journal:
                                     'output_tail': r['output_tail']}
         notes = [{'worker': n['worker'], 'at': n['at'], 'note': n['note']}
                  for n in self.db.execute('SELECT * FROM notes WHERE run_id = ? ORDER BY at', (run_id,))]
+        children = [r[0] for r in self.db.execute('SELECT run_id FROM runs WHERE parent = ? ORDER BY created',
+                                                  (run_id,))]
         return {'run_id': run_id, 'job': run['job'], 'topic': run['topic'], 'seq': run['seq'],
                 'state': run_state([w['state'] for w in workers.values()]),
                 'params': json.loads(run['params']), 'sanitized': json.loads(run['sanitized']),
-                'key': run['key'], 'created': run['created'], 'workers': workers, 'notes': notes}
+                'key': run['key'], 'created': run['created'], 'expires': run['expires'],
+                'parent': run['parent'], 'children': children, 'workers': workers, 'notes': notes}
 
     def recent(self, job: str | None, limit: int) -> list[dict]:
         if job:
@@ -159,6 +194,35 @@ class Journal:
             out.append({k: s[k] for k in ('run_id', 'job', 'state', 'params', 'created')}
                        | {'workers': {w: v['state'] for w, v in s['workers'].items()}})
         return out
+
+    # -- the worker registry ---------------------------------------------
+    def load_workers(self) -> list[tuple]:
+        return [(r['name'], json.loads(r['topics']), json.loads(r['cursors']), r['last_seen'])
+                for r in self.db.execute('SELECT * FROM workers')]
+
+    def save_worker(self, name: str, topics: list, cursors: dict, last_seen: float) -> None:
+        self.db.execute('INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)',
+                        (name, json.dumps(sorted(topics)), json.dumps(cursors), last_seen))
+
+    def forget_worker(self, name: str) -> None:
+        self.db.execute('DELETE FROM workers WHERE name = ?', (name,))
+
+    # -- pruning ------------------------------------------------------------
+    def prune(self, older_than: float, slowest: dict[str, int], limit: int = 5000) -> int:
+        """Delete up to `limit` runs created before `older_than` that every worker has taken.
+
+        `slowest` maps a topic to the lowest cursor among workers still remembered;
+        a topic missing from it holds nothing back."""
+        doomed = []
+        rows = self.db.execute('SELECT run_id, topic, seq FROM runs WHERE created < ? ORDER BY created LIMIT ?',
+                               (older_than, limit)).fetchall()
+        for run_id, topic, seq in rows:
+            # The newest run of a topic stays: it carries the sequence on across a restart.
+            if seq <= slowest.get(topic, seq) and seq < self.heads.get(topic, 0):
+                doomed.append((run_id,))
+        for table in ('notes', 'results', 'runs'):
+            self.db.executemany(f'DELETE FROM {table} WHERE run_id = ?', doomed)
+        return len(doomed)
 
     def close(self) -> None:
         self.db.close()

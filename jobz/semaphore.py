@@ -3,7 +3,7 @@ import logging
 import time
 
 from .agent import Agent
-from .jobfile import Job, render_url, add_query
+from .jobfile import Job, link_url, render_url
 
 log = logging.getLogger('jobz.semaphore')
 
@@ -26,7 +26,8 @@ class Semaphore:
         self.url = url
         self.stop_requests = 0
         agent.db.executescript(SCHEMA)
-        for call in agent.queued() + agent.interrupted():
+        # Counting is one transaction, so a call caught mid-way simply counts now.
+        for call in agent.queued() + [c for c, _ in agent.interrupted()]:
             self.handle(call)
 
     def request_stop(self, signum=None, frame=None) -> None:
@@ -55,7 +56,15 @@ class Semaphore:
         if key and not params.get(key):
             self.agent.finish(run_id, {'state': 'failed', 'reason': f'call has no value for key {key!r}'})
             return
-        gate = str(params.get(key, '')) if key else ''
+        need = job.semaphore['count']
+        if need == 'all':
+            # Every worker the parent run waited for; one gate per parent unless a key says otherwise.
+            need = len(call.get('parent_workers') or [])
+            if not need:
+                self.agent.finish(run_id, {'state': 'failed', 'reason':
+                                           "count: all needs a trigger from a job's handler (no parent run)"})
+                return
+        gate = str(params.get(key, '')) if key else str(call.get('parent') or '')
         # A completion is identified by its trigger's idempotency key (run, worker, outcome),
         # so a handler call that was retried is counted once.
         source = str(call.get('key') or run_id)
@@ -65,9 +74,9 @@ class Semaphore:
             db.execute('INSERT OR IGNORE INTO arrivals VALUES (?, ?, ?, ?)', (job.name, gate, source, time.time()))
             (n,) = db.execute('SELECT count(*) FROM arrivals WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
             done = db.execute('SELECT 1 FROM released WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
-            result['output_tail'] = f'{n} of {job.semaphore["count"]} for {key or "gate"}={gate}'
+            result['output_tail'] = f'{n} of {need} for {key or "parent"}={gate}'
             result['finished'] = time.time()
-            if done or n < job.semaphore['count']:
+            if done or n < need:
                 return []
             db.execute('INSERT INTO released VALUES (?, ?, ?)', (job.name, gate, time.time()))
             result['output_tail'] += '; released'
@@ -87,4 +96,4 @@ class Semaphore:
             log.error('semaphore %s: on_success needs %r, which the call does not carry', job.name, e.args[0])
             return []
         # Deterministic key: a restarted semaphore can never release the same gate twice.
-        return [add_query(url, key=f'semaphore.{job.name}.{gate}')]
+        return [link_url(url, run_id, f'semaphore.{job.name}.{gate}')]

@@ -56,6 +56,7 @@ class Stack:
         self.worker_args = list(worker_args)
         self.mongrel2_conf = mongrel2_conf or os.path.join(ROOT, 'mongrel2.conf')
         self.log_dir = log_dir          # None: processes write to our stdout/stderr
+        self.broker_args: list[str] = []
         self.procs: dict[str, subprocess.Popen] = {}
         self.bind = bind                # the one address every server socket binds to
         self.url = f'http://{bind}:{port}'
@@ -86,7 +87,7 @@ class Stack:
         self.spawn('broker', self.script('broker.py') + [
             '--jobs', *self.jobs, '--home', self.home, '--pub', self.addr('pub'),
             '--router', self.addr('router'), '--m2-recv', self.addr('m2_recv'),
-            '--m2-send', self.addr('m2_send')])
+            '--m2-send', self.addr('m2_send'), *self.broker_args])
 
     def start_worker(self, name: str, *extra: str) -> None:
         self.spawn(name, self.script('worker.py') + [

@@ -4,12 +4,11 @@ import os
 import signal
 import subprocess
 import time
-from urllib.parse import parse_qsl, urlsplit
 from collections import deque
 from dataclasses import dataclass
 
 from .agent import Agent
-from .jobfile import NAME_RE, Job, UNSAFE_RE, render_command, render_url, add_query
+from .jobfile import NAME_RE, Job, UNSAFE_RE, link_url, render_command, render_url
 
 log = logging.getLogger('jobz.worker')
 
@@ -53,11 +52,29 @@ class Worker:
         self.queue = deque(agent.queued())
         self.stop_requests = 0
         agent.running = lambda: len(self.running)
-        for call in agent.interrupted():
-            log.warning('run %s was running when this worker stopped; reporting it interrupted',
-                        call['run_id'])
-            self.agent.finish(call['run_id'], {'state': 'interrupted',
-                                               'reason': 'the worker stopped while it ran'})
+        self.delayed: list[tuple[float, dict]] = []   # (monotonic due time, call) of retries
+        for call, attempts in agent.interrupted():
+            self.interrupted(call, attempts)
+
+    def interrupted(self, call: dict, attempts: int) -> None:
+        """A call that was running when this worker stopped: retry it if its job says so, else report it."""
+        job = self.jobs.get(call.get('job'))
+        retry = job.retry if job else None
+        if retry and attempts <= retry['count']:
+            delay = retry['backoff'] * 2 ** (attempts - 1)
+            log.warning('run %s was running when this worker stopped; retry %d of %d in %.0fs',
+                        call['run_id'], attempts, retry['count'], delay)
+            self.delayed.append((time.monotonic() + delay, call))
+            return
+        log.warning('run %s was running when this worker stopped; reporting it interrupted', call['run_id'])
+        self.report_unrun(call, 'interrupted', 'the worker stopped while it ran'
+                          + (f' (after {attempts} attempts)' if attempts > 1 else ''))
+
+    def report_unrun(self, call: dict, state: str, reason: str) -> None:
+        """Report a call that did not run to its end (interrupted, expired); on_failure still fires."""
+        job = self.jobs.get(call.get('job'))
+        urls = self.handler_urls(job, call, state, None) if job else []
+        self.agent.finish(str(call['run_id']), {'state': state, 'reason': reason}, urls)
 
     def request_stop(self, signum=None, frame=None) -> None:
         # Only set a flag: the loop does the work, outside the signal handler.
@@ -112,9 +129,19 @@ class Worker:
 
     # -- starting ----------------------------------------------------------
     def start_queued(self) -> None:
+        now = time.monotonic()
+        if self.delayed:
+            self.queue.extend(c for due, c in self.delayed if due <= now)
+            self.delayed = [(due, c) for due, c in self.delayed if due > now]
         batch = []
         while self.queue and len(self.running) + len(batch) < self.concurrency:
             call = self.queue.popleft()
+            expires = call.get('expires_at')
+            if isinstance(expires, (int, float)) and time.time() > expires:
+                log.warning('run %s expired before it could start; not running it', call.get('run_id'))
+                self.report_unrun(call, 'expired', 'expired before it could start '
+                                  f'({time.time() - expires:.0f}s past its deadline)')
+                continue
             try:
                 job, command, env = self.prepare(call)
             except ValueError as e:
@@ -201,18 +228,15 @@ class Worker:
             return ''
         return data.decode('utf-8', 'replace')
 
-    def handler_urls(self, job: Job, call: dict, state: str, rc: int) -> list[str]:
+    def handler_urls(self, job: Job, call: dict, state: str, rc: int | None) -> list[str]:
         template = job.on_success if state == 'succeeded' else job.on_failure
         if not template:
             return []
-        values = dict(call['params'], job_name=job.name, run_id=str(call['run_id']),
-                      worker=self.name, rc=str(rc), state=state)
+        values = dict(call.get('params') or {}, job_name=job.name, run_id=str(call['run_id']),
+                      worker=self.name, rc='none' if rc is None else str(rc), state=state)
         try:
             url = render_url(template, values, self.url)
         except KeyError as e:
             log.error('run %s: handler URL needs %r, which the call does not carry', call['run_id'], e.args[0])
             return []
-        if 'key' not in dict(parse_qsl(urlsplit(url).query)):
-            # Idempotent: a retried handler call never triggers the next step twice.
-            url = add_query(url, key=f"{call['run_id']}.{self.name}.{state}")
-        return [url]
+        return [link_url(url, call['run_id'], f"{call['run_id']}.{self.name}.{state}")]
