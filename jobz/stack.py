@@ -57,6 +57,7 @@ class Stack:
         self.mongrel2_conf = mongrel2_conf or os.path.join(ROOT, 'mongrel2.conf')
         self.log_dir = log_dir          # None: processes write to our stdout/stderr
         self.broker_args: list[str] = []
+        self.prefix: dict[str, list[str]] = {}    # process name -> argv prefix (say `ip netns exec NS`)
         self.procs: dict[str, subprocess.Popen] = {}
         self.bind = bind                # the one address every server socket binds to
         self.url = f'http://{bind}:{port}'
@@ -71,6 +72,7 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
         log.info('starting %s', name)
+        argv = self.prefix.get(name, []) + list(argv)
         if self.log_dir and 'stdout' not in kw:
             os.makedirs(self.log_dir, exist_ok=True)
             with open(os.path.join(self.log_dir, name + '.log'), 'ab') as out:

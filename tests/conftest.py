@@ -1,8 +1,10 @@
 """Shared test helpers: free loopback ports, a real stack per test or module, HTTP, waiting."""
+import collections
 import json
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -111,3 +113,70 @@ def make_stack(tmp_path):
     yield make
     for stack in stacks:
         stack.stop_all()
+
+
+# -- fault injection -----------------------------------------------------------
+FINAL = ('succeeded', 'failed', 'interrupted', 'expired')
+
+
+class Triggers(threading.Thread):
+    """Fires `n` triggers of `query` from a thread; keeps the run ids that were accepted (HTTP 200)."""
+
+    def __init__(self, stack, query: str, n: int, pace: float = 0.0, timeout: float = 15.0):
+        super().__init__(daemon=True)
+        self.url = f'{stack.url}/job_start?{query}'
+        self.n, self.pace, self.timeout = n, pace, timeout
+        self.accepted: list[str] = []
+        self.refused = 0       # errors and non-200 answers: not accepted, so not promised
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for i in range(self.n):
+            if self.stop.is_set():
+                return
+            try:
+                status, body = http(self.url.replace('{i}', str(i)), timeout=self.timeout)
+            except OSError:
+                status, body = None, None
+            if status == 200:
+                self.accepted.append(body['run_id'])
+            else:
+                self.refused += 1
+            if self.pace:
+                time.sleep(self.pace)
+
+    def wait_accepted(self, k: int, timeout: float = 30.0) -> None:
+        wait_for(lambda: len(self.accepted) >= k or not self.is_alive(), timeout, f'{k} accepted triggers')
+
+    def finish(self, timeout: float = 120.0) -> list[str]:
+        self.join(timeout)
+        assert not self.is_alive(), 'trigger thread did not finish'
+        return self.accepted
+
+
+def final_states(stack, job: str, run_ids, workers, timeout: float = 60.0) -> dict:
+    """Wait until every run has a final state on every worker; return {(run_id, worker): state}."""
+    wanted = set(run_ids)
+
+    def collect():
+        runs = {r['run_id']: r['workers'] for r in stack.runs(job) if r['run_id'] in wanted}
+        states = {(r, w): runs.get(r, {}).get(w) for r in wanted for w in workers}
+        return states if all(s in FINAL for s in states.values()) else None
+    return wait_for(collect, timeout, f'{len(wanted)} runs of {job} to end on {", ".join(workers)}', 0.2)
+
+
+def assert_each_ran_once(stack, job: str, run_ids, workers=('w1',), timeout: float = 60.0) -> collections.Counter:
+    """Every run ended on every worker, and its command ran exactly once there (never twice).
+
+    The job's command appends its run id to ran-<worker>.txt. An `interrupted` run may have
+    started once; an `expired` run never started. Returns how many runs ended in which state."""
+    states = final_states(stack, job, run_ids, workers, timeout)
+    ran = {w: collections.Counter(stack.lines(f'ran-{w}.txt')) for w in workers}
+    for (run_id, worker), state in states.items():
+        n = ran[worker][run_id]
+        allowed = {'succeeded': (1,), 'interrupted': (0, 1), 'expired': (0,)}.get(state)
+        assert allowed is not None, f'run {run_id} {state} on {worker}'
+        assert n in allowed, f'run {run_id} ({state}) ran {n} times on {worker}'
+    twice = [r for w in workers for r, n in ran[w].items() if n > 1]
+    assert not twice, f'ran more than once: {twice[:5]}'
+    return collections.Counter(states.values())
