@@ -80,7 +80,7 @@ class Semaphore:
                 return []
             db.execute('INSERT INTO released VALUES (?, ?, ?)', (job.name, gate, time.time()))
             result['output_tail'] += '; released'
-            log.info('semaphore %s released for %s=%s', job.name, key, gate)
+            log.info('semaphore %s released for %s=%s', job.name, key or 'parent', gate)
             return self.release_urls(job, params, run_id, gate)
 
         self.agent.finish(run_id, result, inside=count)

@@ -122,20 +122,22 @@ FINAL = ('succeeded', 'failed', 'interrupted', 'expired')
 class Triggers(threading.Thread):
     """Fires `n` triggers of `query` from a thread; keeps the run ids that were accepted (HTTP 200)."""
 
-    def __init__(self, stack, query: str, n: int, pace: float = 0.0, timeout: float = 15.0):
+    def __init__(self, stack, query, n: int = 0, pace: float = 0.0, timeout: float = 15.0):
+        """`query` is one query string sent `n` times, or a list of query strings sent once each."""
         super().__init__(daemon=True)
-        self.url = f'{stack.url}/job_start?{query}'
-        self.n, self.pace, self.timeout = n, pace, timeout
+        queries = [query] * n if isinstance(query, str) else list(query)
+        self.urls = [f'{stack.url}/job_start?{q}' for q in queries]
+        self.pace, self.timeout = pace, timeout
         self.accepted: list[str] = []
         self.refused = 0       # errors and non-200 answers: not accepted, so not promised
         self.stop = threading.Event()
 
     def run(self) -> None:
-        for i in range(self.n):
+        for url in self.urls:
             if self.stop.is_set():
                 return
             try:
-                status, body = http(self.url.replace('{i}', str(i)), timeout=self.timeout)
+                status, body = http(url, timeout=self.timeout)
             except OSError:
                 status, body = None, None
             if status == 200:

@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Fault storm: does jobz lose or repeat runs while its processes are killed at random?
+
+Broker, Mongrel2 and workers w1, w2 (both on topics storm and storm_exp, so every
+run runs on both; --concurrency 2) in a temp folder on free loopback ports. A job
+appends its run id to ran-<worker>.txt, then sleeps 0.00-0.09 s, so some kills
+land mid-job; storm_exp has `expires: 2`. A thread sends --n triggers at --rate/s
+(an --expiring share for storm_exp); another, seeded by --seed, injects at random
+times: SIGKILL a random live worker and restart it 0.2-3 s later with the same
+name and flags (its SQLite lets it catch up); SIGKILL the broker and restart it
+0-1 s later; restart Mongrel2. Then it waits up to --deadline s for every
+accepted (HTTP 200) run to be final on both workers in /job_status and counts
+each (run, worker) pair:
+  ran once      succeeded, and the run id is once in ran-<worker>.txt
+  interrupted   the worker died while it ran (ran 0 or 1 times, and says so)
+  expired       a storm_exp call not started within 2 s, never ran
+  lost          no final state by the deadline
+  ran twice     the run id is in ran-<worker>.txt more than once
+  mismatched    a final state the file contradicts (failed; succeeded, never ran)
+Refused triggers (errors, timeouts, other statuses) were never promised. Exit
+status 1 if any pair was lost, ran twice or mismatched.
+"""
+import argparse
+import collections
+import heapq
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jobz.stack import Stack  # noqa: E402
+
+JOB = ('  command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt; sleep %(pause)s"\n'
+       "  params: {{pause: '0\\.\\d\\d'}}\n")
+JOBS_YAML = 'storm:\n' + JOB + 'storm_exp:\n' + JOB + '  expires: 2\n'
+WORKERS = ('w1', 'w2')
+WORKER_FLAGS = ('--topics', 'storm,storm_exp')
+FINAL = ('succeeded', 'failed', 'interrupted', 'expired')
+GOOD = {('succeeded', 1): 'ran once', ('interrupted', 0): 'interrupted',
+        ('interrupted', 1): 'interrupted', ('expired', 0): 'expired'}
+BAD = ('lost', 'ran twice', 'mismatched')
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all bound at once, then released)."""
+    socks = [socket.create_server(('127.0.0.1', 0)) for _ in range(n)]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def get_json(url: str, timeout: float) -> tuple[int | str, dict | None]:
+    """(HTTP status or error name, JSON body) of one GET; never raises for network trouble."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except (OSError, ValueError) as e:    # URLError wraps the socket error as its reason
+        return type(getattr(e, 'reason', e)).__name__, None
+
+
+class Triggers(threading.Thread):
+    """Sends n triggers paced at `rate`/s; keeps the accepted run ids and why others were refused."""
+
+    def __init__(self, url: str, n: int, rate: float, expiring: float, rng: random.Random):
+        super().__init__(daemon=True)
+        self.url, self.n, self.rate, self.expiring, self.rng = url, n, rate, expiring, rng
+        self.accepted: list[str] = []
+        self.refused: collections.Counter = collections.Counter()    # reason -> count
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        for i in range(self.n):
+            if self.stop.wait(max(0.0, start + i / self.rate - time.monotonic())):
+                return
+            job = 'storm_exp' if self.rng.random() < self.expiring else 'storm'
+            pause = f'0.0{self.rng.randint(0, 9)}'
+            status, body = get_json(f'{self.url}/job_start?job_name={job}&pause={pause}', timeout=5.0)
+            if status == 200:
+                self.accepted.append(body['run_id'])
+            else:
+                self.refused[status] += 1
+
+
+class Faults(threading.Thread):
+    """Injects the planned faults at their times (seconds after start); restarts what it killed."""
+
+    def __init__(self, stack: Stack, rng: random.Random, span: float, counts: dict[str, int]):
+        super().__init__(daemon=True)
+        self.stack, self.rng, self.counts = stack, rng, counts
+        # (seconds after start, kind, worker name): one per fault, within 10%-85% of the trigger period
+        self.events = sorted((rng.uniform(0.1 * span, 0.85 * span), kind, '')
+                             for kind, n in counts.items() for _ in range(n))
+        self.done: collections.Counter = collections.Counter()
+        self.stop = threading.Event()
+        self.start_time = 0.0
+
+    def run(self) -> None:
+        self.start_time = time.monotonic()
+        while self.events and not self.stop.is_set():
+            wait = self.start_time + self.events[0][0] - time.monotonic()
+            if wait > 0:
+                self.stop.wait(wait)
+                continue
+            self.fire(*heapq.heappop(self.events))
+
+    def fire(self, _at: float, kind: str, name: str) -> None:
+        stack, now = self.stack, time.monotonic() - self.start_time
+        if kind == 'restart':
+            self.say(f'restart {name}')
+            stack.start_worker(name, *WORKER_FLAGS)
+        elif kind == 'worker kills':
+            up = [w for w in WORKERS if w in stack.procs]
+            if not up:    # both down already: try again a little later
+                heapq.heappush(self.events, (now + 0.5, kind, ''))
+                return
+            name, down = self.rng.choice(up), self.rng.uniform(0.2, 3.0)
+            self.say(f'SIGKILL {name}, down {down:.1f}s')
+            stack.stop(name, signal.SIGKILL)
+            heapq.heappush(self.events, (now + down, 'restart', name))
+        elif kind == 'broker kills':
+            down = self.rng.uniform(0.0, 1.0)
+            self.say(f'SIGKILL broker, down {down:.1f}s')
+            stack.stop('broker', signal.SIGKILL)
+            time.sleep(down)
+            stack.start_broker()
+        elif kind == 'Mongrel2 restarts':
+            self.say('restart Mongrel2')
+            stack.stop('mongrel2')
+            stack.start_mongrel2()
+        if kind != 'restart':
+            self.done[kind] += 1
+
+    def say(self, what: str) -> None:
+        print(f'  {time.monotonic() - self.start_time:5.1f}s  {what}', file=sys.stderr, flush=True)
+
+
+def final_states(url: str, run_ids: list[str], timeout: float) -> dict[tuple[str, str], str | None]:
+    """Poll /job_status until every run is final on both workers or time runs out."""
+    states, waiting = {}, set(run_ids)
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for run_id in sorted(waiting):
+            _, status = get_json(f'{url}/job_status?run_id={run_id}', timeout=10.0)
+            workers = (status or {}).get('workers', {})
+            for w in WORKERS:
+                states[run_id, w] = workers.get(w, {}).get('state')
+            if all(states[run_id, w] in FINAL for w in WORKERS):
+                waiting.discard(run_id)
+        if waiting:
+            time.sleep(0.5)
+    return states
+
+
+def classify(state: str | None, times_ran: int) -> str:
+    if times_ran > 1:
+        return 'ran twice'
+    if state not in FINAL:
+        return 'lost'
+    return GOOD.get((state, times_ran), 'mismatched')
+
+
+def mentions(log_dir: str, run_id: str) -> list[str]:
+    """The first log lines that name a run, from every process's log."""
+    return [f'    {log.name}: {line}' for log in sorted(Path(log_dir).iterdir())
+            for line in log.read_text(errors='replace').splitlines() if run_id in line][:8]
+
+
+def build_stack(tmp: str) -> tuple[Stack, str]:
+    """A Stack on free ports with its job file, logs in <tmp>/logs; and the folder of ran-*.txt."""
+    out, jobfile = os.path.join(tmp, 'out'), os.path.join(tmp, 'jobs.yaml')
+    os.makedirs(out)
+    for w in WORKERS:
+        Path(out, f'ran-{w}.txt').touch()
+    Path(jobfile).write_text(JOBS_YAML.format(out=out))
+    http_port, *zmq_ports = free_ports(5)
+    stack = Stack(os.path.join(tmp, 'home'), [jobfile], port=http_port, log_dir=os.path.join(tmp, 'logs'),
+                  ports=dict(zip(('pub', 'router', 'm2_recv', 'm2_send'), zmq_ports)),
+                  worker_args=['--concurrency', '2'])
+    os.makedirs(stack.home)
+    return stack, out
+
+
+def storm(stack: Stack, triggers: Triggers, faults: Faults, deadline: float) -> dict:
+    """Start the stack, run triggers and faults, wait for final states; stop everything."""
+    try:
+        stack.start_broker()
+        for w in WORKERS:
+            stack.start_worker(w, *WORKER_FLAGS)
+        stack.start_mongrel2()
+        stack.wait_healthy(30.0, workers=len(WORKERS))
+        triggers.start()
+        faults.start()
+        triggers.join()
+        faults.join()
+        stack.wait_healthy(30.0, workers=len(WORKERS))    # every process is up again
+        print(f'storm over; waiting up to {deadline:g}s for final states', file=sys.stderr)
+        return final_states(stack.url, triggers.accepted, deadline)
+    finally:
+        triggers.stop.set()
+        faults.stop.set()
+        if faults.is_alive():
+            faults.join(30.0)
+        stack.stop_all()
+
+
+def report(args, triggers: Triggers, faults: Faults, verdicts: dict, unpromised: int, took: float) -> None:
+    counts = collections.Counter(verdicts.values())
+    refused = ', '.join(f'{k}: {v}' for k, v in triggers.refused.most_common()) or 'none'
+    rows = [('triggers sent', args.n), ('accepted (HTTP 200)', len(triggers.accepted)),
+            ('refused', f'{sum(triggers.refused.values())} ({refused})'),
+            ('(run, worker) pairs expected', len(verdicts)),
+            *[(k, counts[k]) for k in ('ran once', 'interrupted', 'expired', *BAD)],
+            ('not accepted, ran anyway (answer lost)', unpromised),
+            *[(k, f'{faults.done[k]} of {n}') for k, n in faults.counts.items()],
+            ('seed', args.seed), ('duration (s)', f'{took:.1f}')]
+    print('\n'.join(['| count | value |', '|---|---:|'] + [f'| {k} | {v} |' for k, v in rows]))
+
+
+def run(tmp: str, args) -> int:
+    stack, out = build_stack(tmp)
+    triggers = Triggers(stack.url, args.n, args.rate, args.expiring, random.Random(args.seed))
+    faults = Faults(stack, random.Random(args.seed + 1), args.n / args.rate,
+                    {'worker kills': args.worker_kills, 'broker kills': args.broker_kills,
+                     'Mongrel2 restarts': args.mongrel2_restarts})
+    began = time.monotonic()
+    states = storm(stack, triggers, faults, args.deadline)
+    ran = {w: collections.Counter(Path(out, f'ran-{w}.txt').read_text().split()) for w in WORKERS}
+    verdicts = {(r, w): classify(state, ran[w][r]) for (r, w), state in states.items()}
+    unpromised = {r for w in WORKERS for r in ran[w]} - set(triggers.accepted)
+    report(args, triggers, faults, verdicts, len(unpromised), time.monotonic() - began)
+    bad = sorted((v, r, w) for (r, w), v in verdicts.items() if v in BAD)
+    for verdict, run_id, worker in bad[:10]:
+        print(f'\n{verdict}: run {run_id} on {worker} (state {states[run_id, worker]}, '
+              f'ran {ran[worker][run_id]}x)\n' + '\n'.join(mentions(stack.log_dir, run_id)))
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--n', type=int, default=1000, help='triggers to send (default: 1000)')
+    ap.add_argument('--rate', type=float, default=50.0, help='triggers per second (default: 50)')
+    ap.add_argument('--expiring', type=float, default=0.2, help='share of triggers for storm_exp (default: 0.2)')
+    ap.add_argument('--worker-kills', type=int, default=5, help='worker SIGKILLs (default: 5)')
+    ap.add_argument('--broker-kills', type=int, default=2, help='broker SIGKILLs (default: 2)')
+    ap.add_argument('--mongrel2-restarts', type=int, default=1, help='Mongrel2 restarts (default: 1)')
+    ap.add_argument('--seed', type=int, default=1, help='random seed (default: 1)')
+    ap.add_argument('--deadline', type=float, default=120.0, help='seconds to wait for results (default: 120)')
+    ap.add_argument('--keep', action='store_true', help='keep the temp folder (logs, state) and print it')
+    args = ap.parse_args(argv)
+    if shutil.which('mongrel2') is None:
+        sys.exit('error: mongrel2 is not installed (apt-get install mongrel2-core)')
+    tmp = tempfile.mkdtemp(prefix='jobz-faults-')
+    try:
+        return run(tmp, args)
+    finally:
+        if args.keep:
+            print(f'\nkept {tmp}', file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
