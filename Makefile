@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench deps deps-apt clean
+.PHONY: run test bench bench-faults deps deps-apt clean
 
 run: deps
 	$(PY) -m jobz.stack
@@ -14,6 +14,9 @@ test: deps
 
 bench: deps
 	$(PY) bench/dispatch.py
+
+bench-faults: deps
+	$(PY) bench/faults.py
 
 deps: deps-apt $(VENV)/.installed
 
