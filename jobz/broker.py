@@ -236,7 +236,7 @@ class Broker:
         for name, w in sorted(self.workers.items()):
             lag = {t: max(0, self.journal.heads.get(t, 0) - c) for t, c in w['cursors'].items()}
             out[name] = {'topics': sorted(w['topics']), 'alive': now - w['seen'] <= self.worker_timeout,
-                         'last_heartbeat': w['seen_at'], 'seconds_ago': round(now - w['seen'], 3),
+                         'last_heartbeat': w['seen_at'], 'seconds_ago': round(time.time() - w['seen_at'], 3),
                          'lag': lag, 'running': w['running']}
         return out
 

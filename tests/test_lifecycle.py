@@ -52,6 +52,9 @@ def test_warm_shutdown_lets_running_job_finish(make_stack):
     assert worker.wait(15) == 0
     assert stack.lines('slow.txt') == ['finished']
     assert stack.status(run['run_id'])['workers']['w1']['state'] == 'succeeded'
+    # It said goodbye: listed, no longer alive, and not expected for new runs.
+    assert wait_for(lambda: stack.get('/workers')[1]['w1']['alive'] is False)
+    assert stack.start_job('job_name=slow&tag=later')['workers'] == []
     # Its on_success call went out before the worker left (no worker is left to run `after`).
     wait_for(lambda: [r for r in stack.runs('after') if r['params'] == {'tag': 'warm'}],
              what='the on_success trigger')
