@@ -28,7 +28,7 @@ def parse_args(argv=None):
               help="Mongrel2 handler recv_spec (replies go here)")
     ap.option('--m2-ident', env='JOBZ_M2_IDENT', default=defaults.M2_IDENT,
               help="the handler's send_ident/recv_ident in mongrel2.conf")
-    ap.option('--worker-timeout', env='JOBZ_WORKER_TIMEOUT', default=5.0, type=float,
+    ap.option('--worker-timeout', env='JOBZ_WORKER_TIMEOUT', default=30.0, type=float,
               help='seconds without a heartbeat before a worker is no longer expected for new runs')
     ap.option('--max-body', env='JOBZ_MAX_BODY', default=65536, type=int,
               help='largest request body accepted, in bytes (larger: 413)')

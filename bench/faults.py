@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Fault storm: does jobz lose or repeat runs while its processes are killed at random?
 
-Broker, Mongrel2 and workers w1, w2 (both on topics storm and storm_exp, so every
-run runs on both; --concurrency 2) in a temp folder on free loopback ports. A job
-appends its run id to ran-<worker>.txt, then sleeps 0.00-0.09 s, so some kills
-land mid-job; storm_exp has `expires: 2`. A thread sends --n triggers at --rate/s
-(an --expiring share for storm_exp); another, seeded by --seed, injects at random
-times: SIGKILL a random live worker and restart it 0.2-3 s later with the same
-name and flags (its SQLite lets it catch up); SIGKILL the broker and restart it
-0-1 s later; restart Mongrel2. Then it waits up to --deadline s for every
-accepted (HTTP 200) run to be final on both workers in /job_status and counts
-each (run, worker) pair:
+Broker, Mongrel2 and workers w1, w2 (both on topics storm and storm_exp, so
+every run runs on both; --concurrency 2) in a temp folder on free loopback ports.
+A job appends its run id to ran-<worker>.txt, then sleeps 0.00-0.03 s: some
+kills land mid-job, yet a worker keeps up with 50/s; storm_exp has `expires: 2`.
+One thread sends --n triggers at --rate/s (an --expiring share for storm_exp; no
+catch-up burst after a stall). Another, seeded by --seed, injects faults at
+random times: SIGKILL a random live worker and restart it 0.2-3 s later with the
+same name and flags (its SQLite lets it catch up); SIGKILL the broker and
+restart it 0-1 s later; restart Mongrel2. Then it waits up to --deadline s for
+every accepted (HTTP 200) run to be final on both workers in /job_status, and
+counts each (run, worker) pair:
   ran once      succeeded, and the run id is once in ran-<worker>.txt
   interrupted   the worker died while it ran (ran 0 or 1 times, and says so)
   expired       a storm_exp call not started within 2 s, never ran
@@ -82,12 +83,13 @@ class Triggers(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        start = time.monotonic()
-        for i in range(self.n):
-            if self.stop.wait(max(0.0, start + i / self.rate - time.monotonic())):
+        due = time.monotonic()
+        for _ in range(self.n):
+            if self.stop.wait(max(0.0, due - time.monotonic())):
                 return
+            due = max(due, time.monotonic()) + 1 / self.rate    # after a stall, no catch-up burst
             job = 'storm_exp' if self.rng.random() < self.expiring else 'storm'
-            pause = f'0.0{self.rng.randint(0, 9)}'
+            pause = f'0.0{self.rng.randint(0, 3)}'
             status, body = get_json(f'{self.url}/job_start?job_name={job}&pause={pause}', timeout=5.0)
             if status == 200:
                 self.accepted.append(body['run_id'])

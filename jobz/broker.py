@@ -47,7 +47,7 @@ def encode(obj) -> bytes:
 class Broker:
     def __init__(self, jobs: dict[str, Job], journal: Journal, ctx: zmq.Context, *,
                  m2_recv: str, m2_send: str, m2_ident: str, pub: str, router: str,
-                 worker_timeout: float = 5.0, max_body: int = 65536, keep_days: float = 30.0,
+                 worker_timeout: float = 30.0, max_body: int = 65536, keep_days: float = 30.0,
                  pub_hwm: int = 100000):
         self.jobs = jobs
         self.journal = journal
