@@ -131,12 +131,12 @@ class Faults(threading.Thread):
                 return
             name, down = self.rng.choice(up), self.rng.uniform(0.2, 3.0)
             self.say(f'SIGKILL {name}, down {down:.1f}s')
-            stack.stop(name, signal.SIGKILL)
+            self.kill(name)
             heapq.heappush(self.events, (now + down, 'restart', name))
         elif kind == 'broker kills':
             down = self.rng.uniform(0.0, 1.0)
             self.say(f'SIGKILL broker, down {down:.1f}s')
-            stack.stop('broker', signal.SIGKILL)
+            self.kill('broker')
             time.sleep(down)
             stack.start_broker()
         elif kind == 'Mongrel2 restarts':
@@ -145,6 +145,11 @@ class Faults(threading.Thread):
             stack.start_mongrel2()
         if kind != 'restart':
             self.done[kind] += 1
+
+    def kill(self, name: str) -> None:
+        status = self.stack.stop(name, signal.SIGKILL)
+        if status != -signal.SIGKILL:    # it had died by itself: a crash, see its log
+            self.say(f'!! {name} had already exited with status {status}')
 
     def say(self, what: str) -> None:
         print(f'  {time.monotonic() - self.start_time:5.1f}s  {what}', file=sys.stderr, flush=True)
@@ -265,6 +270,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if shutil.which('mongrel2') is None:
         sys.exit('error: mongrel2 is not installed (apt-get install mongrel2-core)')
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # so the finally blocks stop the stack
     tmp = tempfile.mkdtemp(prefix='jobz-faults-')
     try:
         return run(tmp, args)

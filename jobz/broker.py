@@ -372,6 +372,7 @@ class Broker:
             calls += batch
             new_cursors[topic] = batch[-1]['seq'] if batch else cursor
             more = more or len(batch) == SYNC_BATCH
+        calls.sort(key=lambda c: c['created'])    # oldest first across topics: deadlines come first
         now = time.monotonic()
         old = self.workers.get(worker)
         if old is None or now - old['seen'] > self.worker_timeout:
