@@ -9,7 +9,8 @@ import zmq
 
 from jobz import defaults
 from jobz.broker import Broker
-from jobz.cli import Parser, load_or_exit, setup_logging
+from jobz.cli import Parser, check_curve, load_or_exit, setup_logging
+from jobz.curve import Enrolled
 from jobz.journal import Journal
 
 log = logging.getLogger('jobz.broker')
@@ -36,8 +37,15 @@ def parse_args(argv=None):
               help='runs older than this are pruned from the journal once every worker has taken them')
     ap.option('--pub-hwm', env='JOBZ_PUB_HWM', default=100000, type=int,
               help='calls queued per worker before live delivery drops (they are caught up by sync)')
+    ap.option('--curve-secret', env='JOBZ_CURVE_SECRET', default=None,
+              help="the broker's CURVE secret key file (broker.key_secret); with --enrolled: "
+                   'workers must authenticate and all traffic is encrypted')
+    ap.option('--enrolled', env='JOBZ_ENROLLED', default=None,
+              help='folder of enrolled worker public keys (NAME.key), re-read when it changes')
     ap.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    check_curve(ap, args.curve_secret, args.enrolled, '--enrolled')
+    return args
 
 
 def main(argv=None) -> int:
@@ -49,7 +57,8 @@ def main(argv=None) -> int:
     broker = Broker(jobs, Journal(os.path.join(args.home, 'journal.db')), ctx,
                     m2_recv=args.m2_recv, m2_send=args.m2_send, m2_ident=args.m2_ident,
                     pub=args.pub, router=args.router, worker_timeout=args.worker_timeout,
-                    max_body=args.max_body, keep_days=args.keep_days, pub_hwm=args.pub_hwm)
+                    max_body=args.max_body, keep_days=args.keep_days, pub_hwm=args.pub_hwm,
+                    curve_secret=args.curve_secret, enrolled=Enrolled(args.enrolled) if args.enrolled else None)
 
     def stop(signum, frame):
         broker.stopping = True    # only a flag: the loop finishes its burst and leaves

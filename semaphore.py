@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'semaphore-{args.name}.db'), sync_interval=args.sync_interval,
-                  rcvhwm=args.rcvhwm)
+                  rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key)
     sem = Semaphore(agent, jobs, name=args.name, url=args.url)
     signal.signal(signal.SIGTERM, sem.request_stop)
     signal.signal(signal.SIGINT, sem.request_stop)

@@ -13,5 +13,7 @@ setup(
         'jobz-broker=broker:main',
         'jobz-worker=worker:main',
         'jobz-semaphore=semaphore:main',
+        'jobz-keys=jobz.keys:main',
+        'jobz-ca=jobz.ca:main',
     ]},
 )

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'worker-{args.name}.db'), sync_interval=args.sync_interval,
-                  rcvhwm=args.rcvhwm)
+                  rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key)
     worker = Worker(agent, jobs, name=args.name, url=args.url, out_dir=out_dir,
                     concurrency=args.concurrency, kill_grace=args.kill_grace, output_tail=args.output_tail)
     signal.signal(signal.SIGTERM, worker.request_stop)

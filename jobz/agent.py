@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 
 from . import protocol as p
+from .curve import make_client
 
 log = logging.getLogger('jobz.agent')
 
@@ -57,30 +58,19 @@ def fetch(url: str, timeout: float = 30.0) -> int:
 
 class Agent:
     def __init__(self, ctx: zmq.Context, name: str, topics: list[str], *, pub: str, router: str,
-                 db_path: str, sync_interval: float = 1.0, running=lambda: 0, rcvhwm: int = 1000):
+                 db_path: str, sync_interval: float = 1.0, running=lambda: 0, rcvhwm: int = 1000,
+                 curve_secret: str | None = None, broker_key: str | None = None):
         self.name = name
         self.topics = sorted(set(topics))
         self.sync_interval = sync_interval
         self.running = running          # how many jobs the owner runs now (for /workers)
-        self.sub = ctx.socket(zmq.SUB)
-        self.sub.rcvhwm = rcvhwm        # past it live calls drop; the gap triggers a SYNC
-        self.dealer = ctx.socket(zmq.DEALER)
-        self.dealer.routing_id = name.encode()
-        self.dealer.sndhwm = 10000
-        for sock in (self.sub, self.dealer):
-            sock.linger = 0
-            # ZMTP heartbeats: a hung broker or a silent network drop closes the connection within
-            # seconds, and ZeroMQ reconnects. A random base interval keeps many workers from
-            # knocking on a restarted broker all at the same moment.
-            sock.heartbeat_ivl, sock.heartbeat_timeout, sock.heartbeat_ttl = 1000, 3000, 6000
-            sock.reconnect_ivl = random.randint(100, 400)
-            sock.reconnect_ivl_max = 5000
-        for topic in self.topics:
-            self.sub.subscribe(p.topic_frame(topic))
-        self.sub.connect(pub)
-        self.dealer.connect(router)
+        self.ctx, self.addrs, self.rcvhwm = ctx, (pub, router), rcvhwm
+        self.curve = (curve_secret, broker_key) if curve_secret else None
+        self.sub = self.dealer = None
+        self._connect()
         self.heard = time.monotonic()   # when the broker last said anything
         self.silent = False
+        self.reconnect_due = float('inf')   # while silent: when to drop and rebuild the sockets
         self.prune_due = 0.0
         self.db = sqlite3.connect(db_path, isolation_level=None)
         self.db.execute('PRAGMA journal_mode=WAL')
@@ -95,6 +85,31 @@ class Agent:
         self.http_done: queue.Queue = queue.Queue()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
+
+    def _connect(self) -> None:
+        """(Re)build the SUB and DEALER sockets and connect them to the broker."""
+        for sock in (self.sub, self.dealer):
+            if sock is not None:
+                sock.close(0)
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.rcvhwm = self.rcvhwm       # past it live calls drop; the gap triggers a SYNC
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.routing_id = self.name.encode()
+        self.dealer.sndhwm = 10000
+        for sock in (self.sub, self.dealer):
+            sock.linger = 0
+            # ZMTP heartbeats: a hung broker or a silent network drop closes the connection within
+            # seconds, and ZeroMQ reconnects. A random base interval keeps many workers from
+            # knocking on a restarted broker all at the same moment.
+            sock.heartbeat_ivl, sock.heartbeat_timeout, sock.heartbeat_ttl = 1000, 3000, 6000
+            sock.reconnect_ivl = random.randint(100, 400)
+            sock.reconnect_ivl_max = 5000
+            if self.curve:
+                make_client(sock, *self.curve)    # pins the broker's public key
+        for topic in self.topics:
+            self.sub.subscribe(p.topic_frame(topic))
+        self.sub.connect(self.addrs[0])
+        self.dealer.connect(self.addrs[1])
 
     # -- receiving calls --------------------------------------------------
     def poll(self, timeout_ms: int, fds=()) -> tuple[list[dict], list[int]]:
@@ -119,18 +134,26 @@ class Agent:
         return calls, [fd for fd in fds if fd in events]
 
     def _take_live(self) -> list[dict]:
-        calls, gap = [], False
+        payloads = []
         for _ in range(1000):
             try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+                payloads.append(self.sub.recv_multipart(zmq.NOBLOCK)[-1])
             except zmq.Again:
                 break
+        return self._live(payloads)
+
+    def _live(self, payloads: list[bytes]) -> list[dict]:
+        """Take live calls (from PUB, or sent directly): advance cursors, note gaps, store."""
+        calls, gap = [], False
+        for payload in payloads:
             try:
-                call = p.unpack(frames[-1])
+                call = p.unpack(payload)
                 seq, topic = int(call['seq']), str(call['topic'])
                 str(call['run_id'])
-            except (ValueError, KeyError, TypeError, IndexError):
+            except (ValueError, KeyError, TypeError):
                 log.warning('dropping a live call that does not parse')
+                continue
+            if topic not in self.topics:
                 continue
             cursor = self.cursors.get(topic)
             if cursor is None:
@@ -160,6 +183,8 @@ class Agent:
                 msg = p.unpack(payload)
                 if verb == p.CALLS:
                     calls += self._on_calls(msg)
+                elif verb == p.CALL:
+                    calls += self._live([payload])
                 elif verb == p.ACK:
                     self.db.execute('DELETE FROM outbox WHERE run_id = ?', (str(msg['run_id']),))
                     self.sent_at.pop(msg['run_id'], None)
@@ -240,9 +265,18 @@ class Agent:
         if silence > max(3.0, 3 * self.sync_interval) and not self.silent:
             log.warning('broker silent for %.1fs; reconnecting, and catching up once it answers', silence)
             self.silent = True
+            self.reconnect_due = now + random.uniform(5.0, 10.0)
         elif silence < self.sync_interval and self.silent:
             log.info('broker answering again')
             self.silent = False
+            self.reconnect_due = float('inf')
+        if now >= self.reconnect_due:
+            # ZeroMQ gives up on a peer that refused our key once (say, before we were
+            # enrolled); fresh sockets try again. Randomised, so workers don't come all at once.
+            log.info('still no answer from the broker; rebuilding the connection')
+            self._connect()
+            self.sync_sent = None
+            self.reconnect_due = now + random.uniform(10.0, 30.0)
         if self.sync_sent is not None and now - self.sync_sent > max(5.0, 3 * self.sync_interval):
             self.sync_sent = None    # the answer was lost (broker restart): ask again
         if self.sync_sent is None and now >= self.sync_due:

@@ -10,6 +10,7 @@ import zmq
 from . import protocol as p
 from .jobfile import Job, ParamError, prepare_params
 from .journal import Journal
+from .curve import PUB_DOMAIN, ROUTER_DOMAIN, Authenticator, Enrolled, make_server
 from .m2 import BadMessage, Connection, Request
 
 log = logging.getLogger('jobz.broker')
@@ -48,24 +49,25 @@ class Broker:
     def __init__(self, jobs: dict[str, Job], journal: Journal, ctx: zmq.Context, *,
                  m2_recv: str, m2_send: str, m2_ident: str, pub: str, router: str,
                  worker_timeout: float = 30.0, max_body: int = 65536, keep_days: float = 30.0,
-                 pub_hwm: int = 100000):
+                 pub_hwm: int = 100000, curve_secret: str | None = None,
+                 enrolled: Enrolled | None = None):
         self.jobs = jobs
         self.journal = journal
         self.worker_timeout = worker_timeout
         self.keep = keep_days * 86400.0
         self.prune_due = 0.0
         self.max_body = max_body
+        self.ctx, self.pub_addr, self.pub_hwm = ctx, pub, pub_hwm
+        self.curve_secret, self.enrolled = curve_secret, enrolled
+        self.enrolled_due = 0.0
+        # ZAP must run before a CURVE socket binds; it names each peer by its enrolled key.
+        self.auth = Authenticator(ctx, enrolled) if enrolled else None
         self.m2 = Connection(ctx, m2_recv, m2_send, m2_ident)
-        self.pub = ctx.socket(zmq.PUB)
-        self.pub.linger = 0
-        self.pub.sndhwm = pub_hwm    # past it PUB drops for that worker; SYNC recovers the calls
-        self.pub.bind(pub)
+        self.pub = self._bind_pub()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted worker takes over its name
-        for sock in (self.pub, self.router):
-            # ZMTP heartbeats: a worker host that vanished is dropped instead of queued for forever.
-            sock.heartbeat_ivl, sock.heartbeat_timeout = 2000, 6000
+        self._secure(self.router, ROUTER_DOMAIN)
         self.router.bind(router)
         self.workers: dict[str, dict] = {}   # name -> {'topics', 'seen', 'seen_at', 'cursors', 'running', 'saved'}
         for name, topics, cursors, last_seen in journal.load_workers():
@@ -77,6 +79,29 @@ class Broker:
         self.new_waits: list = []            # waits of this burst, kept only if it commits
         self.stopping = False
         self.started = time.time()
+
+    def _secure(self, sock: zmq.Socket, domain: str) -> None:
+        # ZMTP heartbeats: a worker host that vanished is dropped instead of queued for forever.
+        sock.heartbeat_ivl, sock.heartbeat_timeout = 2000, 6000
+        if self.curve_secret:
+            make_server(sock, self.curve_secret, domain)
+
+    def _bind_pub(self) -> zmq.Socket:
+        pub = self.ctx.socket(zmq.PUB)
+        pub.linger = 0
+        pub.sndhwm = self.pub_hwm    # past it PUB drops for that worker; SYNC recovers the calls
+        self._secure(pub, PUB_DOMAIN)
+        pub.bind(self.pub_addr)
+        return pub
+
+    def publish(self, call: dict) -> None:
+        """Live delivery: PUB for everyone, plus a direct CALL to workers limited to some topics."""
+        payload = p.pack(call)
+        self.pub.send_multipart([p.topic_frame(call['topic']), payload])
+        if self.enrolled:
+            for name in self.expected_workers(call['topic']):
+                if self.enrolled.allowed_topics(name) is not None:    # kept off PUB by ZAP
+                    self.router.send_multipart([name.encode(), p.CALL, payload])
 
     # -- the loop ---------------------------------------------------------
     def run(self) -> None:
@@ -90,23 +115,23 @@ class Broker:
 
     def step(self, http: bool = True, router: bool = True) -> None:
         """Handle one burst: journal it in one transaction, then publish, then answer."""
-        pubs, http_out, router_out, touched = [], [], [], set()
+        calls, http_out, router_out, touched = [], [], [], set()
         self.journal.begin()
         try:
             if http:
-                self._drain(self.m2.reqs, lambda m: self.on_http(m, pubs, http_out, touched))
+                self._drain(self.m2.reqs, lambda m: self.on_http(m, calls, http_out, touched))
             if router:
-                self._drain(self.router, lambda m: self.on_router(m, router_out, touched), multipart=True)
+                self._drain(self.router, lambda m: self.on_router(m, router_out, touched), router=True)
             self.journal.commit()
         except Exception:
             log.exception('journal commit failed; answering 500 to the whole burst')
             self.journal.rollback()
-            pubs, router_out, touched = [], [], set()
+            calls, router_out, touched = [], [], set()
             http_out = [(req, 500, {'error': 'journal write failed'}) for req, _, _ in http_out]
             http_out += [(req, 500, {'error': 'journal write failed'}) for _, req, _ in self.new_waits]
             self.new_waits = []
-        for frames in pubs:
-            self.pub.send_multipart(frames)
+        for call in calls:
+            self.publish(call)
         for frames in router_out:
             self.router.send_multipart(frames)
         for req, status, body in http_out:
@@ -118,10 +143,16 @@ class Broker:
         for run_id in touched:
             self.check_waiters(run_id)
 
-    def _drain(self, sock, handle, multipart=False) -> None:
+    def _drain(self, sock, handle, router=False) -> None:
         for _ in range(BATCH):
             try:
-                msg = sock.recv_multipart(zmq.NOBLOCK) if multipart else sock.recv(zmq.NOBLOCK)
+                if router:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    # With CURVE, ZAP's User-Id (the enrolled key's name) is who sent it.
+                    user = frames[-1].get('User-Id') if self.enrolled else None
+                    msg = ([f.bytes for f in frames], user)
+                else:
+                    msg = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self.journal.db.execute('SAVEPOINT msg')
@@ -135,6 +166,9 @@ class Broker:
 
     def tick(self, now: float) -> None:
         """Clock work after every poll: answer waits that ran out of time, prune now and then."""
+        if self.enrolled and now >= self.enrolled_due:
+            self.enrolled_due = now + 2.0
+            self.reload_keys()
         if now >= self.prune_due:
             self.prune_due = now + min(60.0, max(1.0, self.keep / 10))
             self.prune()
@@ -148,6 +182,17 @@ class Broker:
             self.waiters[run_id] = [w for w in waits if w[1] > now]
             if not self.waiters[run_id]:
                 del self.waiters[run_id]
+
+    def reload_keys(self) -> None:
+        """Pick up enrolled keys added or removed; a removed key loses its live subscription at once."""
+        _, removed = self.enrolled.refresh()
+        if removed:
+            log.warning('keys revoked: %s; rebinding the live socket so they drop off', ', '.join(sorted(removed)))
+            for name in removed:
+                if name in self.workers:
+                    self.workers[name]['seen'] = float('-inf')
+            self.pub.close()
+            self.pub = self._bind_pub()    # honest workers reconnect and catch up by SYNC
 
     def prune(self) -> int:
         """Drop runs older than --keep-days that every remembered worker has taken."""
@@ -181,7 +226,7 @@ class Broker:
                 self.m2.reply_http(req, code, encode(status))
 
     # -- HTTP -------------------------------------------------------------
-    def on_http(self, raw: bytes, pubs: list, out: list, touched: set) -> None:
+    def on_http(self, raw: bytes, calls: list, out: list, touched: set) -> None:
         try:
             req = Request.parse(raw)
         except BadMessage as e:
@@ -190,7 +235,7 @@ class Broker:
         if req.is_disconnect() or req.method == 'JSON':
             return    # answering a disconnect makes Mongrel2 loop forever
         try:
-            answer = self.route(req, pubs)
+            answer = self.route(req, calls)
             if answer is None:
                 return    # a wait= request, answered when the run ends or time runs out
             status, body = answer if isinstance(answer, tuple) else (200, answer)
@@ -201,7 +246,7 @@ class Broker:
             log.exception('error handling %s %s', req.method, req.path)
             out.append((req, 500, {'error': 'internal error; see the broker log'}))
 
-    def route(self, req: Request, pubs: list) -> dict | None:
+    def route(self, req: Request, calls: list) -> dict | None:
         path = str(req.headers.get('PATH', req.path))
         methods = ROUTES.get(path)
         if methods is None:
@@ -218,19 +263,19 @@ class Broker:
                 raise HttpError(400, 'a POST body must be application/x-www-form-urlencoded')
             query.update(parse_qsl(req.body.decode('utf-8', 'replace'), keep_blank_values=True))
         handler = getattr(self, 'http_' + (path.strip('/') or 'index'))
-        return handler(req, query, pubs)
+        return handler(req, query, calls)
 
-    def http_index(self, req, q, pubs):
+    def http_index(self, req, q, calls):
         return {'service': 'jobz', 'paths': sorted(ROUTES)}
 
-    def http_health(self, req, q, pubs):
+    def http_health(self, req, q, calls):
         return {'ok': True, 'uptime': round(time.time() - self.started, 3),
                 'workers': len(self.live_workers()), 'jobs': len(self.jobs)}
 
-    def http_jobs(self, req, q, pubs):
+    def http_jobs(self, req, q, calls):
         return {name: job.describe() for name, job in sorted(self.jobs.items())}
 
-    def http_workers(self, req, q, pubs):
+    def http_workers(self, req, q, calls):
         now = time.monotonic()
         out = {}
         for name, w in sorted(self.workers.items()):
@@ -240,17 +285,17 @@ class Broker:
                          'lag': lag, 'running': w['running']}
         return out
 
-    def http_runs(self, req, q, pubs):
+    def http_runs(self, req, q, calls):
         limit = self._number(q, 'limit', 20, 1, 1000)
         return {'runs': self.journal.recent(q.get('job') or None, int(limit))}
 
-    def http_job_status(self, req, q, pubs):
+    def http_job_status(self, req, q, calls):
         status = self.journal.status(self._required(q, 'run_id'))
         if status is None:
             raise HttpError(404, f"unknown run {q['run_id']!r}")
         return status
 
-    def http_job_note(self, req, q, pubs):
+    def http_job_note(self, req, q, calls):
         run_id = self._required(q, 'run_id')
         note = self._required(q, 'note')[:2000]
         if self.journal.status(run_id) is None:
@@ -258,7 +303,7 @@ class Broker:
         self.journal.add_note(run_id, q.get('worker', '')[:200] or None, note)
         return {'run_id': run_id, 'noted': note}
 
-    def http_job_start(self, req, q, pubs):
+    def http_job_start(self, req, q, calls):
         name = self._required(q, 'job_name')
         job = self.jobs.get(name)
         if job is None:
@@ -277,7 +322,7 @@ class Broker:
             parent = q.get('parent') if q.get('parent') and self.journal.exists(q['parent']) else None
             call = self.journal.add_run(run_id, job.name, job.topic, params, sanitized, key,
                                         self.expected_workers(job.topic), parent, job.expires)
-            pubs.append([p.topic_frame(job.topic), p.pack(call)])
+            calls.append(call)
             log.info('run %s: job %s on topic %s, seq %d', run_id, job.name, job.topic, call['seq'])
             existing = False
         else:
@@ -318,12 +363,17 @@ class Broker:
         """Workers a new run on `topic` waits for: those alive and subscribed now."""
         return sorted(n for n in self.live_workers() if topic in self.workers[n]['topics'])
 
-    def on_router(self, frames: list, out: list, touched: set) -> None:
+    def on_router(self, message: tuple, out: list, touched: set) -> None:
+        frames, user = message
         if len(frames) != 3:
             log.warning('dropping a worker message with %d frames', len(frames))
             return
         ident, verb, payload = frames
         worker = ident.decode('utf-8', 'replace')
+        if self.enrolled and (user != worker or self.enrolled.allowed_topics(worker) is False):
+            # The authenticated key decides who this is, never the name the peer claims.
+            log.warning('dropping a %r claiming to be %r from key %r', verb, worker, user)
+            return
         try:
             msg = p.unpack(payload)
         except ValueError:
@@ -333,11 +383,13 @@ class Broker:
             if verb == p.SYNC:
                 out.append([ident, p.CALLS, p.pack(self.on_sync(worker, msg))])
             elif verb == p.STARTED:
-                if self.journal.set_started(str(msg['run_id']), worker, float(msg['started'])):
-                    touched.add(msg['run_id'])
+                run_id = str(msg['run_id'])
+                if self.may_report(worker, run_id) and \
+                        self.journal.set_started(run_id, worker, float(msg['started'])):
+                    touched.add(run_id)
             elif verb == p.RESULT:
                 run_id = str(msg['run_id'])
-                if self.journal.set_result(run_id, worker, msg):
+                if self.may_report(worker, run_id) and self.journal.set_result(run_id, worker, msg):
                     touched.add(run_id)
                     log.info('run %s: %s on %s', run_id, msg['state'], worker)
                 out.append([ident, p.ACK, p.pack({'run_id': run_id})])
@@ -353,9 +405,27 @@ class Broker:
         except (KeyError, TypeError, ValueError) as e:
             log.warning('dropping a bad %r from %s: %s', verb, worker, e)
 
+    def may_report(self, worker: str, run_id: str) -> bool:
+        """Only a worker the run waits for, or one subscribed to its topic (catching up), reports on it."""
+        topic = self.journal.topic_of(run_id)
+        if topic is None:
+            return False
+        w = self.workers.get(worker)
+        if (w and topic in w['topics']) or worker in self.journal.workers_of(run_id):
+            return True
+        log.warning('refused a result for run %s (topic %s) from %s, which is not expected for it',
+                    run_id, topic, worker)
+        return False
+
     def on_sync(self, worker: str, msg: dict) -> dict:
         """Register or refresh a worker and hand it the calls it has not seen."""
         topics = sorted({t for t in msg.get('topics', []) if isinstance(t, str)})[:1000]
+        allowed = self.enrolled.allowed_topics(worker) if self.enrolled else None
+        if allowed is not None:
+            refused = [t for t in topics if t not in allowed]
+            if refused:
+                log.warning('worker %s may not receive %s; ignoring those topics', worker, ', '.join(refused))
+            topics = [t for t in topics if t in allowed]
         cursors = msg.get('cursors') if isinstance(msg.get('cursors'), dict) else {}
         calls, new_cursors, more = [], {}, False
         for topic in topics:
@@ -386,6 +456,8 @@ class Broker:
         return {'calls': calls, 'cursors': new_cursors, 'more': more}
 
     def close(self) -> None:
+        if self.auth:
+            self.auth.stop()
         self.m2.close()
         self.pub.close()
         self.router.close()

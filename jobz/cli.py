@@ -33,13 +33,27 @@ class Parser(argparse.ArgumentParser):
                     help='seconds between syncs (heartbeats) with the broker')
         self.option('--rcvhwm', env='JOBZ_RCVHWM', default=1000, type=int,
                     help='live calls queued before ZeroMQ drops them (sync fetches what was dropped)')
+        self.option('--curve-secret', env='JOBZ_CURVE_SECRET', default=None,
+                    help='own CURVE secret key file (NAME.key_secret); with --broker-key: encrypt and authenticate')
+        self.option('--broker-key', env='JOBZ_BROKER_KEY', default=None,
+                    help="the broker's CURVE public key file (broker.key), pinned")
         self.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
 
     def parse_agent_args(self, argv):
         args = self.parse_args(argv)
         if not NAME_RE.match(args.name):
             self.error(f'--name {args.name!r} may only hold letters, digits and _ . -')
+        check_curve(self, args.curve_secret, args.broker_key, '--broker-key')
         return args
+
+
+def check_curve(parser, secret: str | None, other: str | None, other_flag: str) -> None:
+    """CURVE needs both files, readable, before any socket is made."""
+    if bool(secret) != bool(other):
+        parser.error(f'--curve-secret and {other_flag} go together')
+    for path in (secret, other):
+        if path and not os.path.exists(path):
+            parser.error(f'{path}: no such file')
 
 
 def setup_logging(verbose: bool) -> None:

@@ -118,6 +118,10 @@ class Journal:
         return [r[0] for r in self.db.execute('SELECT worker FROM results WHERE run_id = ? ORDER BY worker',
                                               (run_id,))]
 
+    def topic_of(self, run_id: str) -> str | None:
+        row = self.db.execute('SELECT topic FROM runs WHERE run_id = ?', (run_id,)).fetchone()
+        return row[0] if row else None
+
     def exists(self, run_id: str) -> bool:
         return self.db.execute('SELECT 1 FROM runs WHERE run_id = ?', (run_id,)).fetchone() is not None
 

@@ -2,7 +2,7 @@
 
 Broker PUB -> worker SUB:   [topic + b'\\0', call JSON]          live calls (fast path)
 Worker DEALER -> ROUTER:    [verb, JSON]                         SYNC, STARTED, RESULT, BYE
-Broker ROUTER -> DEALER:    [verb, JSON]                         CALLS, ACK
+Broker ROUTER -> DEALER:    [verb, JSON]                         CALLS, ACK, CALL
 
 A call is {"run_id", "job", "topic", "seq", "params", "key", "created"}. Every call
 carries its per-topic sequence number; SYNC sends the worker's cursors and CALLS
@@ -16,6 +16,7 @@ RESULT = b'RESULT'    # {"run_id", "state", "rc", "signal", "reason", "started",
 BYE = b'BYE'          # {} the worker is leaving; stop expecting it for new runs
 CALLS = b'CALLS'      # {"calls": [call...], "cursors": {topic: seq}}
 ACK = b'ACK'          # {"run_id"} the result is journaled; drop it from the outbox
+CALL = b'CALL'        # call JSON: a live call sent directly, to a worker kept off PUB (topic limits)
 
 DELIMITER = b'\0'     # SUB matches by prefix: without it 'build' would also get 'builder'
 FINAL_STATES = ('succeeded', 'failed', 'interrupted', 'expired')
