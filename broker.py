@@ -11,6 +11,7 @@ from jobz import defaults
 from jobz.broker import Broker
 from jobz.cli import Parser, check_curve, load_or_exit, setup_logging
 from jobz.curve import Enrolled
+from jobz.tls import ClientCerts
 from jobz.journal import Journal
 
 log = logging.getLogger('jobz.broker')
@@ -29,6 +30,12 @@ def parse_args(argv=None):
               help="Mongrel2 handler recv_spec (replies go here)")
     ap.option('--m2-ident', env='JOBZ_M2_IDENT', default=defaults.M2_IDENT,
               help="the handler's send_ident/recv_ident in mongrel2.conf")
+    ap.option('--m2-tls-recv', env='JOBZ_M2_TLS_RECV', default=None, shown=f'none; mongrel2.conf has {defaults.M2_TLS_RECV}',
+              help='send_spec of the TLS front end (client certificates required)')
+    ap.option('--m2-tls-send', env='JOBZ_M2_TLS_SEND', default=None, shown=f'none; mongrel2.conf has {defaults.M2_TLS_SEND}',
+              help='recv_spec of the TLS front end')
+    ap.option('--clients', env='JOBZ_CLIENTS', default=None, shown='any certificate from the CA',
+              help='folder of client certificates (NAME.crt) allowed on the TLS front end; re-read when it changes')
     ap.option('--worker-timeout', env='JOBZ_WORKER_TIMEOUT', default=30.0, type=float,
               help='seconds without a heartbeat before a worker is no longer expected for new runs')
     ap.option('--max-body', env='JOBZ_MAX_BODY', default=65536, type=int,
@@ -45,6 +52,10 @@ def parse_args(argv=None):
     ap.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
     args = ap.parse_args(argv)
     check_curve(ap, args.curve_secret, args.enrolled, '--enrolled')
+    if bool(args.m2_tls_recv) != bool(args.m2_tls_send):
+        ap.error('--m2-tls-recv and --m2-tls-send go together')
+    if args.clients and not os.path.isdir(args.clients):
+        ap.error(f'--clients {args.clients}: no such folder')
     return args
 
 
@@ -58,7 +69,9 @@ def main(argv=None) -> int:
                     m2_recv=args.m2_recv, m2_send=args.m2_send, m2_ident=args.m2_ident,
                     pub=args.pub, router=args.router, worker_timeout=args.worker_timeout,
                     max_body=args.max_body, keep_days=args.keep_days, pub_hwm=args.pub_hwm,
-                    curve_secret=args.curve_secret, enrolled=Enrolled(args.enrolled) if args.enrolled else None)
+                    curve_secret=args.curve_secret, enrolled=Enrolled(args.enrolled) if args.enrolled else None,
+                    m2_tls_recv=args.m2_tls_recv, m2_tls_send=args.m2_tls_send,
+                    clients=ClientCerts(args.clients) if args.clients else None)
 
     def stop(signum, frame):
         broker.stopping = True    # only a flag: the loop finishes its burst and leaves

@@ -11,6 +11,7 @@ from jobz import defaults
 from jobz.agent import Agent
 from jobz.cli import Parser, load_or_exit, setup_logging
 from jobz.semaphore import Semaphore
+from jobz.tls import client_context
 
 log = logging.getLogger('jobz.semaphore')
 
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'semaphore-{args.name}.db'), sync_interval=args.sync_interval,
-                  rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key)
+                  rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key,
+                  tls=client_context(args.tls_cert, args.tls_key, args.tls_ca))
     sem = Semaphore(agent, jobs, name=args.name, url=args.url)
     signal.signal(signal.SIGTERM, sem.request_stop)
     signal.signal(signal.SIGINT, sem.request_stop)

@@ -12,6 +12,7 @@ from jobz.agent import Agent
 from jobz.cli import Parser, load_or_exit, setup_logging
 from jobz.jobfile import NAME_RE
 from jobz.worker import Worker
+from jobz.tls import client_context
 
 log = logging.getLogger('jobz.worker')
 
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'worker-{args.name}.db'), sync_interval=args.sync_interval,
-                  rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key)
+                  rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key,
+                  tls=client_context(args.tls_cert, args.tls_key, args.tls_ca))
     worker = Worker(agent, jobs, name=args.name, url=args.url, out_dir=out_dir,
                     concurrency=args.concurrency, kill_grace=args.kill_grace, output_tail=args.output_tail)
     signal.signal(signal.SIGTERM, worker.request_stop)

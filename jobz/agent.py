@@ -46,10 +46,10 @@ HTTP_GIVE_UP = 86400.0  # a handler URL that keeps failing is dropped (with an e
 KEEP_DONE = 7 * 86400.0 # how long the ids of done calls are kept to recognise a replay
 
 
-def fetch(url: str, timeout: float = 30.0) -> int:
+def fetch(url: str, timeout: float = 30.0, context=None) -> int:
     """GET a URL; return its HTTP status (error statuses included), raise OSError if unreachable."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             resp.read()
             return resp.status
     except urllib.error.HTTPError as e:
@@ -59,12 +59,13 @@ def fetch(url: str, timeout: float = 30.0) -> int:
 class Agent:
     def __init__(self, ctx: zmq.Context, name: str, topics: list[str], *, pub: str, router: str,
                  db_path: str, sync_interval: float = 1.0, running=lambda: 0, rcvhwm: int = 1000,
-                 curve_secret: str | None = None, broker_key: str | None = None):
+                 curve_secret: str | None = None, broker_key: str | None = None, tls=None):
         self.name = name
         self.topics = sorted(set(topics))
         self.sync_interval = sync_interval
         self.running = running          # how many jobs the owner runs now (for /workers)
         self.ctx, self.addrs, self.rcvhwm = ctx, (pub, router), rcvhwm
+        self.tls = tls                  # SSLContext with our client certificate, for https:// handlers
         self.curve = (curve_secret, broker_key) if curve_secret else None
         self.sub = self.dealer = None
         self._connect()
@@ -320,7 +321,7 @@ class Agent:
     def _call_url(self, row_id: int, url: str) -> None:
         """Runs in a pool thread; reports back through a queue and the wake pipe."""
         try:
-            status = fetch(url)
+            status = fetch(url, context=self.tls if url.startswith('https:') else None)
             ok = status < 500
             if 400 <= status < 500:
                 log.error('handler call %s refused with HTTP %d; not retrying', url, status)

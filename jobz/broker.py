@@ -11,6 +11,7 @@ from . import protocol as p
 from .jobfile import Job, ParamError, prepare_params
 from .journal import Journal
 from .curve import PUB_DOMAIN, ROUTER_DOMAIN, Authenticator, Enrolled, make_server
+from .tls import ClientCerts
 from .m2 import BadMessage, Connection, Request
 
 log = logging.getLogger('jobz.broker')
@@ -47,7 +48,9 @@ def encode(obj) -> bytes:
 
 class Broker:
     def __init__(self, jobs: dict[str, Job], journal: Journal, ctx: zmq.Context, *,
-                 m2_recv: str, m2_send: str, m2_ident: str, pub: str, router: str,
+                 m2_recv: str, m2_send: str, m2_ident: str = 'jobz', pub: str, router: str,
+                 m2_tls_recv: str | None = None, m2_tls_send: str | None = None,
+                 clients: ClientCerts | None = None,
                  worker_timeout: float = 30.0, max_body: int = 65536, keep_days: float = 30.0,
                  pub_hwm: int = 100000, curve_secret: str | None = None,
                  enrolled: Enrolled | None = None):
@@ -62,7 +65,15 @@ class Broker:
         self.enrolled_due = 0.0
         # ZAP must run before a CURVE socket binds; it names each peer by its enrolled key.
         self.auth = Authenticator(ctx, enrolled) if enrolled else None
-        self.m2 = Connection(ctx, m2_recv, m2_send, m2_ident)
+        self.m2 = Connection(ctx, m2_recv, m2_send, m2_ident)    # the plain front end
+        self.m2.tls = False
+        self.fronts = [self.m2]
+        if m2_tls_recv:
+            # One Connection (own reply socket) per front end: Mongrel2 matches reply idents by prefix.
+            tls = Connection(ctx, m2_tls_recv, m2_tls_send, 'tls-' + m2_ident)
+            tls.tls = True
+            self.fronts.append(tls)
+        self.clients = clients
         self.pub = self._bind_pub()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
@@ -106,20 +117,23 @@ class Broker:
     # -- the loop ---------------------------------------------------------
     def run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.m2.reqs, zmq.POLLIN)
+        for front in self.fronts:
+            poller.register(front.reqs, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         while not self.stopping:
             events = dict(poller.poll(100))
-            self.step(http=self.m2.reqs in events, router=self.router in events)
+            self.step(http=[f for f in self.fronts if f.reqs in events], router=self.router in events)
             self.tick(time.monotonic())
 
-    def step(self, http: bool = True, router: bool = True) -> None:
-        """Handle one burst: journal it in one transaction, then publish, then answer."""
+    def step(self, http=True, router: bool = True) -> None:
+        """Handle one burst: journal it in one transaction, then publish, then answer.
+
+        `http` is True (every front end) or the front ends with requests waiting."""
         calls, http_out, router_out, touched = [], [], [], set()
         self.journal.begin()
         try:
-            if http:
-                self._drain(self.m2.reqs, lambda m: self.on_http(m, calls, http_out, touched))
+            for front in (self.fronts if http is True else http or []):
+                self._drain(front.reqs, lambda m, f=front: self.on_http(m, f, calls, http_out, touched))
             if router:
                 self._drain(self.router, lambda m: self.on_router(m, router_out, touched), router=True)
             self.journal.commit()
@@ -135,7 +149,7 @@ class Broker:
         for frames in router_out:
             self.router.send_multipart(frames)
         for req, status, body in http_out:
-            self.m2.reply_http(req, status, encode(body))
+            req.front.reply_http(req, status, encode(body))
         for run_id, req, deadline in self.new_waits:
             self.waiters.setdefault(run_id, []).append((req, deadline))
             touched.add(run_id)
@@ -166,9 +180,12 @@ class Broker:
 
     def tick(self, now: float) -> None:
         """Clock work after every poll: answer waits that ran out of time, prune now and then."""
-        if self.enrolled and now >= self.enrolled_due:
+        if now >= self.enrolled_due:
             self.enrolled_due = now + 2.0
-            self.reload_keys()
+            if self.enrolled:
+                self.reload_keys()
+            if self.clients:
+                self.clients.refresh()
         if now >= self.prune_due:
             self.prune_due = now + min(60.0, max(1.0, self.keep / 10))
             self.prune()
@@ -178,7 +195,7 @@ class Broker:
                 continue
             status = self.journal.status(run_id)
             for req, _ in expired:
-                self.m2.reply_http(req, 504, encode(status))
+                req.front.reply_http(req, 504, encode(status))
             self.waiters[run_id] = [w for w in waits if w[1] > now]
             if not self.waiters[run_id]:
                 del self.waiters[run_id]
@@ -223,15 +240,16 @@ class Broker:
         if status['state'] in ('succeeded', 'failed'):
             code = 200 if status['state'] == 'succeeded' else 500
             for req, _ in self.waiters.pop(run_id):
-                self.m2.reply_http(req, code, encode(status))
+                req.front.reply_http(req, code, encode(status))
 
     # -- HTTP -------------------------------------------------------------
-    def on_http(self, raw: bytes, calls: list, out: list, touched: set) -> None:
+    def on_http(self, raw: bytes, front: Connection, calls: list, out: list, touched: set) -> None:
         try:
             req = Request.parse(raw)
         except BadMessage as e:
             log.warning('dropping a Mongrel2 message that does not parse: %s', e)
             return
+        req.front = front
         if req.is_disconnect() or req.method == 'JSON':
             return    # answering a disconnect makes Mongrel2 loop forever
         try:
@@ -256,6 +274,7 @@ class Broker:
             raise HttpError(405, f'method {req.method} not allowed on {path}; use {", ".join(methods)}')
         if len(req.body) > self.max_body:
             raise HttpError(413, f'request body over {self.max_body} bytes')
+        req.who = self.who(req)
         query = dict(parse_qsl(req.query, keep_blank_values=True, errors='replace'))
         if req.method == 'POST' and req.body:
             ctype = str(req.headers.get('content-type', ''))
@@ -264,6 +283,23 @@ class Broker:
             query.update(parse_qsl(req.body.decode('utf-8', 'replace'), keep_blank_values=True))
         handler = getattr(self, 'http_' + (path.strip('/') or 'index'))
         return handler(req, query, calls)
+
+    def who(self, req: Request) -> str:
+        """Who sent a request: the enrolled name of its client certificate, or `plain:ADDRESS`."""
+        if not req.front.tls:
+            return f"plain:{req.headers.get('REMOTE_ADDR', '?')}"
+        # Mongrel2's own headers are upper-case (a client's are lower-cased), so this is the
+        # certificate Mongrel2 verified: 40 hex digits of its SHA1, then a stray '00'.
+        fp = str(req.headers.get('PEER_CERT_SHA1', ''))[:40].upper()
+        if len(fp) != 40:
+            raise HttpError(403, 'no verified client certificate')
+        if self.clients is None:
+            return 'cert:' + fp
+        name = self.clients.name_of(fp)
+        if name is None:
+            log.warning('refused a request from client certificate %s, which is not enrolled', fp)
+            raise HttpError(403, 'client certificate not enrolled (or revoked)')
+        return name
 
     def http_index(self, req, q, calls):
         return {'service': 'jobz', 'paths': sorted(ROUTES)}
@@ -321,9 +357,9 @@ class Broker:
             run_id = new_run_id()
             parent = q.get('parent') if q.get('parent') and self.journal.exists(q['parent']) else None
             call = self.journal.add_run(run_id, job.name, job.topic, params, sanitized, key,
-                                        self.expected_workers(job.topic), parent, job.expires)
+                                        self.expected_workers(job.topic), parent, job.expires, req.who)
             calls.append(call)
-            log.info('run %s: job %s on topic %s, seq %d', run_id, job.name, job.topic, call['seq'])
+            log.info('run %s: job %s on topic %s, seq %d, by %s', run_id, job.name, job.topic, call['seq'], req.who)
             existing = False
         else:
             existing = True
@@ -458,7 +494,8 @@ class Broker:
     def close(self) -> None:
         if self.auth:
             self.auth.stop()
-        self.m2.close()
+        for front in self.fronts:
+            front.close()
         self.pub.close()
         self.router.close()
         self.journal.close()

@@ -33,6 +33,10 @@ class Parser(argparse.ArgumentParser):
                     help='seconds between syncs (heartbeats) with the broker')
         self.option('--rcvhwm', env='JOBZ_RCVHWM', default=1000, type=int,
                     help='live calls queued before ZeroMQ drops them (sync fetches what was dropped)')
+        self.option('--tls-cert', env='JOBZ_TLS_CERT', default=None,
+                    help='client certificate for an https:// --url (from jobz-ca client NAME)')
+        self.option('--tls-key', env='JOBZ_TLS_KEY', default=None, help='its private key')
+        self.option('--tls-ca', env='JOBZ_TLS_CA', default=None, help="the CA certificate that signed the front end's")
         self.option('--curve-secret', env='JOBZ_CURVE_SECRET', default=None,
                     help='own CURVE secret key file (NAME.key_secret); with --broker-key: encrypt and authenticate')
         self.option('--broker-key', env='JOBZ_BROKER_KEY', default=None,
@@ -44,6 +48,11 @@ class Parser(argparse.ArgumentParser):
         if not NAME_RE.match(args.name):
             self.error(f'--name {args.name!r} may only hold letters, digits and _ . -')
         check_curve(self, args.curve_secret, args.broker_key, '--broker-key')
+        if bool(args.tls_cert) != bool(args.tls_key):
+            self.error('--tls-cert and --tls-key go together')
+        for path in (args.tls_cert, args.tls_key, args.tls_ca):
+            if path and not os.path.exists(path):
+                self.error(f'{path}: no such file')
         return args
 
 

@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS runs (
     created   REAL NOT NULL,
     parent    TEXT,                 -- the run whose handler (or semaphore release) triggered this one
     expires   REAL,                 -- wall-clock time after which workers report `expired`
+    by        TEXT,                 -- who triggered it: client certificate name, or plain:ADDRESS
     UNIQUE (topic, seq)
 );
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, created);
@@ -90,14 +91,14 @@ class Journal:
 
     def add_run(self, run_id: str, job: str, topic: str, params: dict, sanitized: list,
                 key: str | None, workers: list[str], parent: str | None = None,
-                expires: float | None = None) -> dict:
+                expires: float | None = None, by: str | None = None) -> dict:
         """Journal a new run (inside the open transaction); return its call."""
         seq = self.heads.get(topic, 0) + 1
         created = time.time()
         expires_at = created + expires if expires else None
-        self.db.execute('INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+        self.db.execute('INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
                         (run_id, job, topic, seq, json.dumps(params), json.dumps(sanitized), key, created,
-                         parent, expires_at))
+                         parent, expires_at, by))
         self.db.executemany("INSERT INTO results (run_id, worker, state) VALUES (?, ?, 'pending')",
                             [(run_id, w) for w in workers])
         self.heads[topic] = seq
@@ -184,7 +185,8 @@ class Journal:
                 'state': run_state([w['state'] for w in workers.values()]),
                 'params': json.loads(run['params']), 'sanitized': json.loads(run['sanitized']),
                 'key': run['key'], 'created': run['created'], 'expires': run['expires'],
-                'parent': run['parent'], 'children': children, 'workers': workers, 'notes': notes}
+                'parent': run['parent'], 'children': children, 'triggered_by': run['by'],
+                'workers': workers, 'notes': notes}
 
     def recent(self, job: str | None, limit: int) -> list[dict]:
         if job:

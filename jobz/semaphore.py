@@ -64,7 +64,10 @@ class Semaphore:
                 self.agent.finish(run_id, {'state': 'failed', 'reason':
                                            "count: all needs a trigger from a job's handler (no parent run)"})
                 return
-        gate = str(params.get(key, '')) if key else str(call.get('parent') or '')
+        if key:
+            gate = str(params[key])
+        else:    # one gate for all arrivals, or with count: all one per parent run
+            gate = str(call.get('parent') or '') if job.semaphore['count'] == 'all' else ''
         # A completion is identified by its trigger's idempotency key (run, worker, outcome),
         # so a handler call that was retried is counted once.
         source = str(call.get('key') or run_id)
@@ -74,7 +77,8 @@ class Semaphore:
             db.execute('INSERT OR IGNORE INTO arrivals VALUES (?, ?, ?, ?)', (job.name, gate, source, time.time()))
             (n,) = db.execute('SELECT count(*) FROM arrivals WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
             done = db.execute('SELECT 1 FROM released WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
-            result['output_tail'] = f'{n} of {need} for {key or "parent"}={gate}'
+            label = key or ('parent' if job.semaphore['count'] == 'all' else 'gate')
+            result['output_tail'] = f'{n} of {need} for {label}={gate}'
             result['finished'] = time.time()
             if done or n < need:
                 return []

@@ -21,12 +21,18 @@ log = logging.getLogger('jobz.stack')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def render_mongrel2_conf(template: str, port: int, m2_recv: str, m2_send: str, bind: str = '127.0.0.1') -> str:
-    """mongrel2.conf with our port and handler addresses (each must appear exactly once)."""
+def render_mongrel2_conf(template: str, port: int, m2_recv: str, m2_send: str, bind: str = '127.0.0.1',
+                         tls_port: int = defaults.TLS_PORT, m2_tls_recv: str = defaults.M2_TLS_RECV,
+                         m2_tls_send: str = defaults.M2_TLS_SEND, tls_bind: str = '0.0.0.0') -> str:
+    """mongrel2.conf with our ports and addresses (each must appear exactly once)."""
     swaps = [('port=6769', f'port={port}'),
              (f"send_spec='{defaults.M2_RECV}'", f"send_spec='{m2_recv}'"),
              (f"recv_spec='{defaults.M2_SEND}'", f"recv_spec='{m2_send}'"),
-             ("bind_addr='127.0.0.1'", f"bind_addr='{bind}'")]
+             ("bind_addr='127.0.0.1'", f"bind_addr='{bind}'"),
+             (f'port={defaults.TLS_PORT}', f'port={tls_port}'),
+             (f"send_spec='{defaults.M2_TLS_RECV}'", f"send_spec='{m2_tls_recv}'"),
+             (f"recv_spec='{defaults.M2_TLS_SEND}'", f"recv_spec='{m2_tls_send}'"),
+             ("bind_addr='0.0.0.0'", f"bind_addr='{tls_bind}'")]
     for old, new in swaps:
         if template.count(old) != 1:
             raise ValueError(f'mongrel2.conf: expected {old!r} exactly once')
@@ -47,11 +53,13 @@ class Stack:
 
     def __init__(self, home: str, jobs: list[str], port: int = defaults.PORT, ports: dict | None = None,
                  python: str = sys.executable, worker_args=(), mongrel2_conf: str | None = None,
-                 log_dir: str | None = None, bind: str = '127.0.0.1'):
+                 log_dir: str | None = None, bind: str = '127.0.0.1', tls: str | None = None,
+                 tls_port: int = defaults.TLS_PORT, tls_bind: str = '127.0.0.1', clients: str | None = None):
         self.home = os.path.abspath(home)
         self.jobs = [os.path.abspath(j) for j in jobs]
         self.port = port
-        self.ports = ports or {'pub': 6770, 'router': 6771, 'm2_recv': 6772, 'm2_send': 6773}
+        self.ports = {'pub': 6770, 'router': 6771, 'm2_recv': 6772, 'm2_send': 6773,
+                      'm2_tls_recv': 6774, 'm2_tls_send': 6775} | (ports or {})
         self.python = python
         self.worker_args = list(worker_args)
         self.mongrel2_conf = mongrel2_conf or os.path.join(ROOT, 'mongrel2.conf')
@@ -61,6 +69,9 @@ class Stack:
         self.procs: dict[str, subprocess.Popen] = {}
         self.bind = bind                # the one address every server socket binds to
         self.url = f'http://{bind}:{port}'
+        self.tls = tls                  # a jobz-ca folder: also run the HTTPS front end
+        self.tls_port, self.tls_bind, self.clients = tls_port, tls_bind, clients
+        self.tls_url = f'https://{tls_bind}:{tls_port}'
 
     def addr(self, name: str) -> str:
         # Mongrel2's handler sockets stay on loopback: whoever reaches them can read requests.
@@ -89,7 +100,10 @@ class Stack:
         self.spawn('broker', self.script('broker.py') + [
             '--jobs', *self.jobs, '--home', self.home, '--pub', self.addr('pub'),
             '--router', self.addr('router'), '--m2-recv', self.addr('m2_recv'),
-            '--m2-send', self.addr('m2_send'), *self.broker_args])
+            '--m2-send', self.addr('m2_send'), *self.broker_args,
+            *(['--m2-tls-recv', self.addr('m2_tls_recv'), '--m2-tls-send', self.addr('m2_tls_send')]
+              if self.tls else []),
+            *(['--clients', self.clients] if self.clients else [])])
 
     def start_worker(self, name: str, *extra: str) -> None:
         self.spawn(name, self.script('worker.py') + [
@@ -106,7 +120,16 @@ class Stack:
             os.makedirs(os.path.join(chroot, sub), exist_ok=True)
         with open(self.mongrel2_conf, encoding='utf-8') as f:
             conf = render_mongrel2_conf(f.read(), self.port, self.addr('m2_recv'), self.addr('m2_send'),
-                                        self.bind)
+                                        self.bind, self.tls_port, self.addr('m2_tls_recv'),
+                                        self.addr('m2_tls_send'), self.tls_bind)
+        if self.tls:
+            # Mongrel2 reads certdir/<server uuid>.crt/.key and ssl.ca_chain before it chroots.
+            certs = os.path.join(chroot, 'certs')
+            os.makedirs(certs, mode=0o700, exist_ok=True)
+            for src, dst in (('servers/jobz-tls.crt', 'jobz-tls.crt'), ('servers/jobz-tls.key', 'jobz-tls.key'),
+                             ('ca.crt', 'ca.crt')):
+                shutil.copyfile(os.path.join(self.tls, src), os.path.join(certs, dst))
+            os.chmod(os.path.join(certs, 'jobz-tls.key'), 0o600)
         with open(os.path.join(chroot, 'mongrel2.conf'), 'w', encoding='utf-8') as f:
             f.write(conf)
         db = os.path.join(chroot, 'config.sqlite')
@@ -117,11 +140,16 @@ class Stack:
         if load.returncode or not _has_server(db):
             # m2sh exits 0 even when the file does not parse: look at what it loaded.
             raise RuntimeError(f'm2sh could not load {self.mongrel2_conf}:\n{load.stdout}{load.stderr}')
-        pid_file = os.path.join(chroot, 'run', 'mongrel2.pid')
+        self._run_mongrel2(chroot, 'mongrel2', 'jobz', 'mongrel2.pid')
+        if self.tls:
+            self._run_mongrel2(chroot, 'mongrel2-tls', 'jobz-tls', 'mongrel2-tls.pid')
+
+    def _run_mongrel2(self, chroot: str, name: str, uuid: str, pid_name: str) -> None:
+        pid_file = os.path.join(chroot, 'run', pid_name)
         if os.path.exists(pid_file):
             os.unlink(pid_file)    # left by a killed mongrel2; it refuses to start otherwise
-        with open(os.path.join(chroot, 'logs', 'mongrel2.out'), 'ab') as out:
-            self.spawn('mongrel2', ['mongrel2', 'config.sqlite', 'jobz'], cwd=chroot,
+        with open(os.path.join(chroot, 'logs', name + '.out'), 'ab') as out:
+            self.spawn(name, ['mongrel2', 'config.sqlite', uuid], cwd=chroot,
                        stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, LOGNAME='root'))
 
     def start(self, workers=('local',), semaphore: bool = True, timeout: float = 30.0) -> None:
@@ -135,7 +163,7 @@ class Stack:
         if semaphore and any(j.semaphore for j in jobs.values()):
             self.start_semaphore()
         self.start_mongrel2()
-        self.wait_healthy(timeout, len(self.procs) - 2)
+        self.wait_healthy(timeout, len([n for n in self.procs if n not in ('broker', 'mongrel2', 'mongrel2-tls')]))
 
     def wait_healthy(self, timeout: float, workers: int) -> None:
         """Wait until the front end answers and `workers` agents have registered."""
@@ -171,7 +199,8 @@ class Stack:
 
     def stop_all(self) -> None:
         # Front end first (no new requests), broker last (results still arrive).
-        order = ['mongrel2'] + [n for n in self.procs if n not in ('mongrel2', 'broker')] + ['broker']
+        fronts = ('mongrel2', 'mongrel2-tls')
+        order = [*fronts] + [n for n in self.procs if n not in (*fronts, 'broker')] + ['broker']
         for name in order:
             self.stop(name)
 
@@ -184,11 +213,20 @@ def main(argv=None) -> int:
                     help=f'job folder (default: {defaults.JOBS}; env JOBZ_JOBS)')
     ap.add_argument('--home', default=os.environ.get('JOBZ_HOME', defaults.HOME),
                     help=f'state folder (default: {defaults.HOME}; env JOBZ_HOME)')
+    ap.add_argument('--ca', default=os.environ.get('JOBZ_CA'),
+                    help='a jobz-ca folder: also serve HTTPS with client certificates (default: off; env JOBZ_CA)')
+    ap.add_argument('--tls-port', type=int, default=int(os.environ.get('JOBZ_TLS_PORT', defaults.TLS_PORT)),
+                    help=f'HTTPS port (default: {defaults.TLS_PORT}; env JOBZ_TLS_PORT)')
+    ap.add_argument('--tls-bind', default=os.environ.get('JOBZ_TLS_BIND', '0.0.0.0'),
+                    help='HTTPS address (default: 0.0.0.0; env JOBZ_TLS_BIND)')
+    ap.add_argument('--clients', default=os.environ.get('JOBZ_CLIENTS'),
+                    help='folder of client certificates allowed on HTTPS (default: any from the CA; env JOBZ_CLIENTS)')
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
     if shutil.which('mongrel2') is None:
         sys.exit('error: mongrel2 is not installed (apt-get install mongrel2-core)')
-    stack = Stack(args.home, args.jobs.split(':'), port=args.port)
+    stack = Stack(args.home, args.jobs.split(':'), port=args.port, tls=args.ca, tls_port=args.tls_port,
+                  tls_bind=args.tls_bind, clients=args.clients)
     stopping = []
     # Only record the signal; the wait loop below does the stopping.
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))

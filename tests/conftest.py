@@ -59,7 +59,7 @@ class TestStack(Stack):
         path = os.path.join(root, 'jobs', 'jobs.yaml')
         with open(path, 'w') as f:
             f.write(jobs_yaml.replace('{out}', self.out))
-        ports = {k: free_port() for k in ('pub', 'router', 'm2_recv', 'm2_send')}
+        ports = {k: free_port() for k in ('pub', 'router', 'm2_recv', 'm2_send', 'm2_tls_recv', 'm2_tls_send')}
         super().__init__(os.path.join(root, 'home'), [path], port=free_port(), ports=ports,
                          log_dir=os.path.join(root, 'logs'), **kw)
 
