@@ -23,6 +23,7 @@ import argparse
 import collections
 import contextlib
 import http.client
+import io
 import json
 import math
 import multiprocessing
@@ -30,6 +31,7 @@ import os
 import platform
 import shutil
 import socket
+import ssl
 import sqlite3
 import statistics
 import subprocess
@@ -61,21 +63,51 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def make_stack(home: str, jobfile: str) -> Stack:
-    http_port, *zmq_ports = free_ports(5)
-    return Stack(home, [jobfile], port=http_port, worker_args=['--concurrency', '2'],
-                 ports=dict(zip(('pub', 'router', 'm2_recv', 'm2_send'), zmq_ports)),
-                 log_dir=os.path.join(home, 'logs'))
+def make_stack(home: str, jobfile: str, secure: dict | None) -> Stack:
+    http_port, tls_port, *zmq_ports = free_ports(8)
+    stack = Stack(home, [jobfile], port=http_port, worker_args=['--concurrency', '2'],
+                  ports=dict(zip(('pub', 'router', 'm2_recv', 'm2_send', 'm2_tls_recv', 'm2_tls_send'), zmq_ports)),
+                  log_dir=os.path.join(home, 'logs'), tls=secure and secure['ca'], tls_port=tls_port)
+    if secure:
+        stack.broker_args = ['--curve-secret', f"{secure['keys']}/broker.key_secret", '--enrolled', secure['enrolled']]
+    return stack
 
 
-def start_stack(stack: Stack) -> None:
+def make_secrets(tmp: str) -> dict:
+    """A CA with a server and a client certificate, and CURVE keys for the broker, w1 and w2."""
+    from jobz import ca, keys
+    secure = {'ca': f'{tmp}/ca', 'keys': f'{tmp}/keys', 'enrolled': f'{tmp}/enrolled'}
+    with contextlib.redirect_stdout(io.StringIO()):
+        ca.main(['--dir', secure['ca'], 'init'])
+        ca.main(['--dir', secure['ca'], 'server', 'jobz-tls', '--host', '127.0.0.1'])
+        ca.main(['--dir', secure['ca'], 'client', 'bench'])
+        for name in ('broker', 'w1', 'w2'):
+            keys.main(['new', name, '--dir', secure['keys']])
+        for name in ('w1', 'w2'):
+            keys.main(['enroll', f"{secure['keys']}/{name}.key", '--enrolled', secure['enrolled']])
+    ctx = ssl.create_default_context(cafile=f"{secure['ca']}/ca.crt")
+    ctx.load_cert_chain(f"{secure['ca']}/clients/bench.crt", f"{secure['ca']}/clients/bench.key")
+    secure['context'] = ctx
+    return secure
+
+
+def start_stack(stack: Stack, secure: dict | None) -> None:
     """Broker, w1 on topic a, w2 on topic b, Mongrel2; their output goes to <home>/logs/."""
     os.makedirs(stack.home)
     stack.start_broker()
-    stack.start_worker('w1', '--topics', 'a')
-    stack.start_worker('w2', '--topics', 'b')
+    for name, topic in (('w1', 'a'), ('w2', 'b')):
+        curve = ['--curve-secret', f"{secure['keys']}/{name}.key_secret",
+                 '--broker-key', f"{secure['keys']}/broker.key"] if secure else []
+        stack.start_worker(name, '--topics', topic, *curve)
     stack.start_mongrel2()
     stack.wait_healthy(30.0, workers=2)
+
+
+def connect(stack: Stack, secure: dict | None) -> http.client.HTTPConnection:
+    """A keep-alive connection to the front end: plain HTTP, or HTTPS with our client certificate."""
+    if secure:
+        return http.client.HTTPSConnection('127.0.0.1', stack.tls_port, context=secure['context'], timeout=30)
+    return http.client.HTTPConnection('127.0.0.1', stack.port, timeout=30)
 
 
 def trigger(conn: http.client.HTTPConnection, job: str) -> tuple[str, float, float]:
@@ -90,13 +122,13 @@ def trigger(conn: http.client.HTTPConnection, job: str) -> tuple[str, float, flo
     return json.loads(body)['run_id'], sent, answered
 
 
-def send_burst(port: int, n: int) -> dict[str, float]:
+def send_burst(stack: Stack, secure, n: int) -> dict[str, float]:
     """n triggers as fast as CLIENT_THREADS keep-alive connections go: run_id -> send time."""
     local, conns = threading.local(), []
 
     def one(i: int) -> tuple[str, float, float]:
         if not hasattr(local, 'conn'):    # one keep-alive connection per client thread
-            local.conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+            local.conn = connect(stack, secure)
             conns.append(local.conn)
         return trigger(local.conn, JOB_NAMES[i % 2])
 
@@ -108,10 +140,10 @@ def send_burst(port: int, n: int) -> dict[str, float]:
             conn.close()
 
 
-def send_paced(port: int, n: int, rate: float) -> tuple[dict[str, float], list[float]]:
+def send_paced(stack: Stack, secure, n: int, rate: float) -> tuple[dict[str, float], list[float]]:
     """n triggers at `rate`/s from one connection: (run_id -> send time, answer times in s)."""
     sent, answer_times = {}, []
-    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+    conn = connect(stack, secure)
     start = time.monotonic()
     try:
         for i in range(n):
@@ -168,20 +200,20 @@ def raw_rate(n: int, procs: int = 2) -> float:
         return n / (time.monotonic() - start)
 
 
-def one_round(tmp: str, k: int, args) -> dict[str, float]:
+def one_round(tmp: str, k: int, args, secure: dict | None) -> dict[str, float]:
     home = os.path.join(tmp, f'round{k}')
     jobfile = os.path.join(tmp, 'bench.yaml')
-    stack = make_stack(home, jobfile)
+    stack = make_stack(home, jobfile, secure)
     journal = os.path.join(home, 'journal.db')
     try:
-        start_stack(stack)
-        sent = send_burst(stack.port, args.n)
+        start_stack(stack, secure)
+        sent = send_burst(stack, secure, args.n)
         first = min(sent.values())
         accept = args.n / (time.time() - first)
         results = wait_results(journal, sent, max(60.0, args.n / 10))
         jobz = args.n / (max(r[3] for r in results.values()) - first)
 
-        sent, answers = send_paced(stack.port, args.latency_n, args.rate)
+        sent, answers = send_paced(stack, secure, args.latency_n, args.rate)
         results = wait_results(journal, sent, 60.0)
         start_lat = [(results[run_id][2] - t) * 1000 for run_id, t in sent.items()]
     finally:
@@ -217,8 +249,9 @@ def machine() -> str:
 
 
 def table(rounds: list[dict], args) -> str:
+    mode = 'HTTPS with client certificates + CURVE' if args.secure else 'plain HTTP, no CURVE'
     lines = [f'N={args.n} burst triggers, {args.latency_n} paced at {args.rate:g}/s, '
-             f'{len(rounds)} round(s), 2 workers x concurrency 2', '',
+             f'{len(rounds)} round(s), 2 workers x concurrency 2, {mode}', '',
              '| metric | median | min – max |', '|---|---:|---:|']
     for metric in rounds[0]:
         values = [r[metric] for r in rounds]
@@ -233,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument('--rate', type=float, default=50.0, help='paced triggers per second (default: 50)')
     ap.add_argument('--latency-n', type=int, default=300, help='paced triggers (default: 300)')
     ap.add_argument('--repeat', type=int, default=3, help='rounds of each measurement (default: 3)')
+    ap.add_argument('--secure', action='store_true',
+                    help='triggers over the HTTPS front end with a client certificate, CURVE to the workers')
     args = ap.parse_args(argv)
     if shutil.which('mongrel2') is None:
         sys.exit('error: mongrel2 is not installed (apt-get install mongrel2-core)')
@@ -240,9 +275,10 @@ def main(argv=None) -> int:
     try:
         with open(os.path.join(tmp, 'bench.yaml'), 'w') as f:
             f.write(JOBS_YAML)
+        secure = make_secrets(tmp) if args.secure else None
         rounds = []
         for k in range(args.repeat):
-            rounds.append(one_round(tmp, k, args))
+            rounds.append(one_round(tmp, k, args, secure))
             print(f'round {k + 1}/{args.repeat}: ' + ', '.join(f'{v:.1f}' for v in rounds[-1].values()),
                   file=sys.stderr, flush=True)
         problems = log_problems(tmp)
