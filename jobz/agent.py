@@ -99,6 +99,7 @@ class Agent:
         self.dealer.sndhwm = 10000
         for sock in (self.sub, self.dealer):
             sock.linger = 0
+            sock.maxmsgsize = 16 << 20      # a CALLS answer is kept near 1 MB by the broker
             # ZMTP heartbeats: a hung broker or a silent network drop closes the connection within
             # seconds, and ZeroMQ reconnects. A random base interval keeps many workers from
             # knocking on a restarted broker all at the same moment.
@@ -149,13 +150,12 @@ class Agent:
         for payload in payloads:
             try:
                 call = p.unpack(payload)
-                seq, topic = int(call['seq']), str(call['topic'])
-                str(call['run_id'])
-            except (ValueError, KeyError, TypeError):
-                log.warning('dropping a live call that does not parse')
+            except ValueError:
+                call = None
+            if not p.is_call(call, self.topics):
+                log.warning('dropping a live call that is not well-formed')
                 continue
-            if topic not in self.topics:
-                continue
+            seq, topic = call['seq'], call['topic']
             cursor = self.cursors.get(topic)
             if cursor is None:
                 gap = True    # not synced yet: SYNC decides where this topic starts
@@ -186,18 +186,22 @@ class Agent:
                     calls += self._on_calls(msg)
                 elif verb == p.CALL:
                     calls += self._live([payload])
-                elif verb == p.ACK:
-                    self.db.execute('DELETE FROM outbox WHERE run_id = ?', (str(msg['run_id']),))
+                elif verb == p.ACK and isinstance(msg.get('run_id'), str):
+                    self.db.execute('DELETE FROM outbox WHERE run_id = ?', (msg['run_id'],))
                     self.sent_at.pop(msg['run_id'], None)
-            except (ValueError, KeyError, TypeError):
-                log.warning('dropping a bad %r from the broker', verb)
+            except ValueError:
+                log.warning('dropping a bad %r from the broker', verb[:32])
         return calls
 
     def _on_calls(self, msg: dict) -> list[dict]:
         self.sync_sent = None
-        calls = [c for c in msg.get('calls', []) if isinstance(c, dict) and 'run_id' in c]
-        for topic, seq in (msg.get('cursors') or {}).items():
-            if topic in self.topics and isinstance(seq, int):
+        given = msg.get('calls') if isinstance(msg.get('calls'), list) else []
+        calls = [c for c in given if p.is_call(c, self.topics)]
+        if len(calls) < len(given):
+            log.warning('dropping %d calls that are not well-formed', len(given) - len(calls))
+        cursors = msg.get('cursors') if isinstance(msg.get('cursors'), dict) else {}
+        for topic, seq in cursors.items():
+            if topic in self.topics and p.is_int(seq) and seq >= 0:
                 self.cursors[topic] = seq    # the journal's word wins (re-fetched calls are ignored)
         self.sync_due = 0.0 if msg.get('more') else time.monotonic() + self.sync_interval
         return self._store(calls)
@@ -206,13 +210,17 @@ class Agent:
         """Journal new calls as queued and save cursors, in one transaction; return the new ones."""
         new = []
         self.db.execute('BEGIN')
-        for call in calls:
-            cur = self.db.execute("INSERT OR IGNORE INTO calls (run_id, call, state, at) "
-                                  "VALUES (?, ?, 'queued', ?)", (str(call['run_id']), json.dumps(call), time.time()))
-            if cur.rowcount:
-                new.append(call)
-        self.db.executemany('INSERT OR REPLACE INTO cursors VALUES (?, ?)', self.cursors.items())
-        self.db.execute('COMMIT')
+        try:
+            for call in calls:
+                cur = self.db.execute("INSERT OR IGNORE INTO calls (run_id, call, state, at) "
+                                      "VALUES (?, ?, 'queued', ?)", (call['run_id'], json.dumps(call), time.time()))
+                if cur.rowcount:
+                    new.append(call)
+            self.db.executemany('INSERT OR REPLACE INTO cursors VALUES (?, ?)', self.cursors.items())
+            self.db.execute('COMMIT')
+        except Exception:
+            self.db.execute('ROLLBACK')
+            raise
         return new
 
     def queued(self) -> list[dict]:

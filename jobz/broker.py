@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 import zmq
 
 from . import protocol as p
-from .jobfile import Job, ParamError, prepare_params
+from .jobfile import NAME_RE, Job, ParamError, prepare_params
 from .journal import Journal
 from .curve import PUB_DOMAIN, ROUTER_DOMAIN, Authenticator, Enrolled, make_server
 from .tls import ClientCerts
@@ -17,13 +17,15 @@ from .m2 import BadMessage, Connection, Request
 log = logging.getLogger('jobz.broker')
 
 MAX_WAIT = 3600.0
+MAX_WAITERS = 1000   # wait= requests held at once
+MAX_MESSAGE = 4 << 20   # bytes of one message from a worker or from Mongrel2; larger: dropped by ZeroMQ
 BATCH = 256          # messages handled per commit: one fsync carries a whole burst
 SYNC_BATCH = 500     # calls per CALLS answer
 ROUTES = {           # path -> allowed methods
     '/': ('GET', 'HEAD'),
-    '/job_start': ('GET', 'HEAD', 'POST'),
+    '/job_start': ('GET', 'POST'),      # no HEAD: a link checker must not start jobs
     '/job_status': ('GET', 'HEAD'),
-    '/job_note': ('GET', 'HEAD', 'POST'),
+    '/job_note': ('GET', 'POST'),
     '/jobs': ('GET', 'HEAD'),
     '/workers': ('GET', 'HEAD'),
     '/runs': ('GET', 'HEAD'),
@@ -43,7 +45,7 @@ def new_run_id() -> str:
 
 
 def encode(obj) -> bytes:
-    return json.dumps(obj, indent=2).encode() + b'\n'
+    return json.dumps(obj, indent=2, allow_nan=False).encode() + b'\n'
 
 
 class Broker:
@@ -78,6 +80,8 @@ class Broker:
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted worker takes over its name
+        self.router.maxmsgsize = MAX_MESSAGE
+        self.router.rcvhwm = 10000
         self._secure(self.router, ROUTER_DOMAIN)
         self.router.bind(router)
         self.workers: dict[str, dict] = {}   # name -> {'topics', 'seen', 'seen_at', 'cursors', 'running', 'saved'}
@@ -102,8 +106,16 @@ class Broker:
         pub.linger = 0
         pub.sndhwm = self.pub_hwm    # past it PUB drops for that worker; SYNC recovers the calls
         self._secure(pub, PUB_DOMAIN)
-        pub.bind(self.pub_addr)
-        return pub
+        # After a close, ZeroMQ frees the port in the background: a rebind may wait a moment.
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                pub.bind(self.pub_addr)
+                return pub
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def publish(self, call: dict) -> None:
         """Live delivery: PUB for everyone, plus a direct CALL to workers limited to some topics."""
@@ -174,9 +186,10 @@ class Broker:
                 handle(msg)
                 self.journal.db.execute('RELEASE msg')
             except Exception:
+                # One bad message is dropped on its own; the rest of the burst goes on.
+                log.exception('dropping a message that could not be handled')
                 self.journal.db.execute('ROLLBACK TO msg')
                 self.journal.db.execute('RELEASE msg')
-                raise
 
     def tick(self, now: float) -> None:
         """Clock work after every poll: answer waits that ran out of time, prune now and then."""
@@ -275,7 +288,9 @@ class Broker:
         if len(req.body) > self.max_body:
             raise HttpError(413, f'request body over {self.max_body} bytes')
         req.who = self.who(req)
-        query = dict(parse_qsl(req.query, keep_blank_values=True, errors='replace'))
+        # Lone surrogates (from JSON escapes) cannot be stored: replace them like bad UTF-8.
+        query = dict(parse_qsl(req.query.encode('utf-8', 'replace').decode(), keep_blank_values=True,
+                               errors='replace'))
         if req.method == 'POST' and req.body:
             ctype = str(req.headers.get('content-type', ''))
             if not ctype.startswith('application/x-www-form-urlencoded'):
@@ -367,6 +382,8 @@ class Broker:
         if wait is not None:
             if status['state'] in ('succeeded', 'failed'):
                 return (200 if status['state'] == 'succeeded' else 500), status
+            if sum(len(w) for w in self.waiters.values()) + len(self.new_waits) >= MAX_WAITERS:
+                raise HttpError(503, f'too many requests waiting (at most {MAX_WAITERS}); poll job_status instead')
             self.new_waits.append((run_id, req, time.monotonic() + wait))
             return None
         return {'run_id': run_id, 'job': status['job'], 'topic': status['topic'],
@@ -413,18 +430,20 @@ class Broker:
         try:
             msg = p.unpack(payload)
         except ValueError:
-            log.warning('dropping a %r from %s: payload is not a JSON object', verb, worker)
+            log.warning('dropping a %r from %s: payload is not a JSON object', verb[:32], worker)
             return
         try:
             if verb == p.SYNC:
                 out.append([ident, p.CALLS, p.pack(self.on_sync(worker, msg))])
             elif verb == p.STARTED:
-                run_id = str(msg['run_id'])
-                if self.may_report(worker, run_id) and \
-                        self.journal.set_started(run_id, worker, float(msg['started'])):
+                run_id, started = p.text(msg.get('run_id'), 200), p.number(msg.get('started'))
+                if run_id and started and self.may_report(worker, run_id) and \
+                        self.journal.set_started(run_id, worker, started):
                     touched.add(run_id)
             elif verb == p.RESULT:
-                run_id = str(msg['run_id'])
+                run_id = p.text(msg.get('run_id'), 200)
+                if not run_id:
+                    raise ValueError('no run_id')
                 if self.may_report(worker, run_id) and self.journal.set_result(run_id, worker, msg):
                     touched.add(run_id)
                     log.info('run %s: %s on %s', run_id, msg['state'], worker)
@@ -437,9 +456,9 @@ class Broker:
                                              time.time() - self.worker_timeout - 1)
                 log.info('worker %s left', worker)
             else:
-                log.warning('dropping unknown verb %r from %s', verb, worker)
+                log.warning('dropping unknown verb %r from %s', verb[:32], worker)
         except (KeyError, TypeError, ValueError) as e:
-            log.warning('dropping a bad %r from %s: %s', verb, worker, e)
+            log.warning('dropping a bad %r from %s: %s', verb[:32], worker, str(e)[:200])
 
     def may_report(self, worker: str, run_id: str) -> bool:
         """Only a worker the run waits for, or one subscribed to its topic (catching up), reports on it."""
@@ -455,7 +474,8 @@ class Broker:
 
     def on_sync(self, worker: str, msg: dict) -> dict:
         """Register or refresh a worker and hand it the calls it has not seen."""
-        topics = sorted({t for t in msg.get('topics', []) if isinstance(t, str)})[:1000]
+        given = msg.get('topics') if isinstance(msg.get('topics'), list) else []
+        topics = sorted({t for t in given[:1000] if isinstance(t, str) and NAME_RE.match(t) and len(t) <= 200})
         allowed = self.enrolled.allowed_topics(worker) if self.enrolled else None
         if allowed is not None:
             refused = [t for t in topics if t not in allowed]
@@ -463,28 +483,32 @@ class Broker:
                 log.warning('worker %s may not receive %s; ignoring those topics', worker, ', '.join(refused))
             topics = [t for t in topics if t in allowed]
         cursors = msg.get('cursors') if isinstance(msg.get('cursors'), dict) else {}
-        calls, new_cursors, more = [], {}, False
+        calls, new_cursors = [], {}
         for topic in topics:
             head = self.journal.heads.get(topic, 0)
             cursor = cursors.get(topic)
-            if not isinstance(cursor, int) or cursor > head:
+            if not p.is_int(cursor) or not 0 <= cursor <= head:
                 new_cursors[topic] = head    # a new subscription starts now
+                continue
+            if len(calls) >= SYNC_BATCH:     # one bounded answer; `more` asks for the rest
+                new_cursors[topic] = cursor
                 continue
             oldest = self.journal.oldest_seq(topic)
             if oldest is not None and cursor < oldest - 1:
                 log.warning('worker %s is behind the journal on %s: calls %d to %d were pruned',
                             worker, topic, cursor + 1, oldest - 1)
-            batch = self.journal.calls_after(topic, cursor, SYNC_BATCH)
+            batch = self.journal.calls_after(topic, cursor, SYNC_BATCH - len(calls))
             calls += batch
             new_cursors[topic] = batch[-1]['seq'] if batch else cursor
-            more = more or len(batch) == SYNC_BATCH
+        more = any(seq < self.journal.heads.get(t, 0) for t, seq in new_cursors.items())
         calls.sort(key=lambda c: c['created'])    # oldest first across topics: deadlines come first
         now = time.monotonic()
         old = self.workers.get(worker)
         if old is None or now - old['seen'] > self.worker_timeout:
             log.info('worker %s joined for topics %s', worker, ', '.join(topics))
         w = self.workers[worker] = {'topics': set(topics), 'seen': now, 'seen_at': time.time(),
-                                    'cursors': new_cursors, 'running': msg.get('running', 0),
+                                    'cursors': new_cursors,
+                                    'running': msg['running'] if p.is_int(msg.get('running')) else 0,
                                     'saved': old['saved'] if old else float('-inf')}
         if old is None or old['topics'] != w['topics'] or now - w['saved'] >= 10.0 or more:
             self.journal.save_worker(worker, topics, new_cursors, w['seen_at'])

@@ -12,6 +12,7 @@ PARAM_NAME_RE = re.compile(r'[A-Za-z_][A-Za-z0-9_]*\Z')
 UNSAFE_RE = re.compile(r'[^A-Za-z0-9_.,:@+=/-]')
 # Allowed printf forms: %(name)s and %%. Anything else with a percent sign is an error.
 PERCENT_RE = re.compile(r'%(?:%|\(([A-Za-z_][A-Za-z0-9_]*)\)s)')
+MAX_VALUE = 4096      # characters in one parameter value
 BUILTINS = {'job_name', 'run_id'}
 HANDLER_BUILTINS = BUILTINS | {'worker', 'rc', 'state'}
 # Query names with a meaning of their own; never job parameters.
@@ -228,8 +229,10 @@ def prepare_params(job: Job, query: dict) -> tuple[dict, list]:
     for name, value in query.items():
         if name in RESERVED:
             continue
-        if not PARAM_NAME_RE.match(name):
-            raise ParamError(f'parameter name {name!r} may only hold letters, digits and _')
+        if not PARAM_NAME_RE.match(name) or len(name) > 100:
+            raise ParamError(f'parameter name {name[:100]!r} may only hold letters, digits and _')
+        if len(value) > MAX_VALUE:
+            raise ParamError(f'parameter {name!r} is longer than {MAX_VALUE} characters')
         rule = job.params.get(name)
         if rule is not None:
             if UNSAFE_RE.search(value) or not rule.fullmatch(value):

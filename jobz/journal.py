@@ -3,7 +3,7 @@ import json
 import sqlite3
 import time
 
-from .protocol import FINAL_STATES
+from .protocol import FINAL_STATES, is_int, number, text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -131,8 +131,13 @@ class Journal:
         return row[0] if row else None
 
     def calls_after(self, topic: str, seq: int, limit: int) -> list[dict]:
-        rows = self.db.execute('SELECT * FROM runs WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?',
-                               (topic, seq, limit)).fetchall()
+        rows, size = [], 0
+        for r in self.db.execute('SELECT * FROM runs WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?',
+                                 (topic, seq, limit)):
+            rows.append(r)
+            size += len(r['params'])
+            if size > 1 << 20:      # about a megabyte per answer; the worker asks again for more
+                break
         return [self._call(r['run_id'], r['job'], r['topic'], r['seq'], json.loads(r['params']), r['key'],
                            r['created'], r['parent'], r['expires']) for r in rows]
 
@@ -152,8 +157,10 @@ class Journal:
         state = r.get('state')
         if state not in FINAL_STATES:
             raise ValueError(f'unknown result state {state!r}')
-        values = (run_id, worker, state, r.get('rc'), r.get('signal'), r.get('reason'),
-                  r.get('started'), r.get('finished'), str(r.get('output_tail') or '')[-65536:])
+        rc = r.get('rc') if is_int(r.get('rc')) else None
+        tail = r.get('output_tail') if isinstance(r.get('output_tail'), str) else ''
+        values = (run_id, worker, state, rc, text(r.get('signal'), 50), text(r.get('reason')),
+                  number(r.get('started')), number(r.get('finished')), tail[-65536:])
         cur = self.db.execute(
             "INSERT INTO results (run_id, worker, state, rc, signal, reason, started, finished, output_tail) "
             "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = ?) "

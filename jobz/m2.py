@@ -39,7 +39,9 @@ class Request:
         raw_headers, rest = parse_netstring(rest)
         body, _ = parse_netstring(rest)
         try:
-            headers = json.loads(raw_headers)
+            # Mongrel2 passes header bytes through as they came: a Latin-1 header must not
+            # make the request unanswerable, so undecodable bytes become U+FFFD.
+            headers = json.loads(raw_headers.decode('utf-8', 'replace'))
         except (ValueError, RecursionError):
             raise BadMessage('headers are not JSON') from None
         if not isinstance(headers, dict):
@@ -82,6 +84,7 @@ class Connection:
     def __init__(self, ctx: zmq.Context, pull_addr: str, pub_addr: str, ident: str):
         self.reqs = ctx.socket(zmq.PULL)
         self.reqs.linger = 0
+        self.reqs.maxmsgsize = 4 << 20     # Mongrel2 sends bodies up to limits.content_length (1 MB)
         self.reqs.connect(pull_addr)
         self.resp = ctx.socket(zmq.PUB)
         self.resp.linger = 1000

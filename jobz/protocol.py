@@ -30,9 +30,43 @@ def pack(obj) -> bytes:
     return json.dumps(obj, separators=(',', ':')).encode()
 
 
+def _no_constant(name):
+    raise ValueError(f'{name} is not JSON')
+
+
 def unpack(data: bytes) -> dict:
-    """Decode a JSON object; raise ValueError for anything else."""
-    obj = json.loads(data)
+    """Decode a JSON object; raise ValueError for anything else (NaN, Infinity, too deep)."""
+    try:
+        obj = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError('payload nested too deeply') from None
     if not isinstance(obj, dict):
         raise ValueError('payload is not a JSON object')
     return obj
+
+
+def is_call(call, topics=None) -> bool:
+    """A well-formed call (on one of `topics`, if given): anything else is dropped unseen."""
+    return (isinstance(call, dict)
+            and all(isinstance(call.get(k), str) and 0 < len(call[k]) <= 200 for k in ('run_id', 'job', 'topic'))
+            and is_int(call.get('seq')) and call['seq'] > 0
+            and isinstance(call.get('params'), dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in call['params'].items())
+            and (topics is None or call['topic'] in topics))
+
+
+def is_int(value) -> bool:
+    """A whole number SQLite can store (bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -2**62 < value < 2**62
+
+
+def number(value) -> float | None:
+    """A finite number from the wire, or None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e15:
+        return float(value)
+    return None
+
+
+def text(value, limit: int = 1000) -> str | None:
+    """A string from the wire, cut to `limit`, or None."""
+    return value[:limit] if isinstance(value, str) else None

@@ -33,10 +33,12 @@ def render_mongrel2_conf(template: str, port: int, m2_recv: str, m2_send: str, b
              (f"send_spec='{defaults.M2_TLS_RECV}'", f"send_spec='{m2_tls_recv}'"),
              (f"recv_spec='{defaults.M2_TLS_SEND}'", f"recv_spec='{m2_tls_send}'"),
              ("bind_addr='0.0.0.0'", f"bind_addr='{tls_bind}'")]
-    for old, new in swaps:
+    for i, (old, _) in enumerate(swaps):    # mark every spot first, so no new value is matched again
         if template.count(old) != 1:
             raise ValueError(f'mongrel2.conf: expected {old!r} exactly once')
-        template = template.replace(old, new)
+        template = template.replace(old, f'\0{i}\0')
+    for i, (_, new) in enumerate(swaps):
+        template = template.replace(f'\0{i}\0', new)
     return template
 
 

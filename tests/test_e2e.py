@@ -287,6 +287,10 @@ def test_head_has_headers_only(stack):
     resp = conn.getresponse()
     assert resp.status == 200 and int(resp.getheader('Content-Length')) > 0
     assert resp.read() == b''
+    # HEAD never starts a job: a link checker or monitor must not trigger anything.
+    conn.request('HEAD', '/job_start?job_name=ok')
+    resp = conn.getresponse()
+    assert resp.status == 405 and resp.read() == b''
     conn.close()
 
 
