@@ -42,7 +42,7 @@ def parse_args(argv=None):
               help='largest request body accepted, in bytes (larger: 413)')
     ap.option('--keep-days', env='JOBZ_KEEP_DAYS', default=30.0, type=float,
               help='runs older than this are pruned from the journal once every worker has taken them')
-    ap.option('--pub-hwm', env='JOBZ_PUB_HWM', default=100000, type=int,
+    ap.option('--pub-hwm', env='JOBZ_PUB_HWM', default=10000, type=int,
               help='calls queued per worker before live delivery drops (they are caught up by sync)')
     ap.option('--curve-secret', env='JOBZ_CURVE_SECRET', default=None,
               help="the broker's CURVE secret key file (broker.key_secret); with --enrolled: "

@@ -54,7 +54,7 @@ class Broker:
                  m2_tls_recv: str | None = None, m2_tls_send: str | None = None,
                  clients: ClientCerts | None = None,
                  worker_timeout: float = 30.0, max_body: int = 65536, keep_days: float = 30.0,
-                 pub_hwm: int = 100000, curve_secret: str | None = None,
+                 pub_hwm: int = 10000, curve_secret: str | None = None,
                  enrolled: Enrolled | None = None):
         self.jobs = jobs
         self.journal = journal
