@@ -161,3 +161,16 @@ def test_everything_secure_tls_and_curve_end_to_end(make_stack, pki, tmp_path):
         assert child['job'] == 'after' and child['triggered_by'] == 'w1'    # the worker's own certificate
     done = stack.runs('done')[0]
     assert stack.status(done['run_id'])['triggered_by'] == 'semaphore'
+
+
+def test_ca_tool_gives_clear_errors_and_private_keys(tmp_path, capsys):
+    folder = str(tmp_path / 'ca')
+    assert ca.main(['--dir', folder, 'client', 'alice']) == 1
+    assert 'jobz-ca init' in capsys.readouterr().err
+    assert ca.main(['--dir', folder, 'init']) == 0
+    assert ca.main(['--dir', folder, 'init']) == 1     # never overwrites a CA by accident
+    assert '--force' in capsys.readouterr().err
+    assert ca.main(['--dir', folder, 'client', 'alice']) == 0
+    assert os.stat(f'{folder}/ca.key').st_mode & 0o077 == 0
+    assert os.stat(f'{folder}/clients/alice.key').st_mode & 0o077 == 0
+    assert ca.fingerprint(f'{folder}/clients/alice.crt') in capsys.readouterr().out
