@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-faults deps deps-apt clean
+.PHONY: run test bench bench-faults wheel deps deps-apt clean
 
 run: deps
 	$(PY) -m jobz.stack
@@ -17,6 +17,10 @@ bench: deps
 
 bench-faults: deps
 	$(PY) bench/faults.py
+
+# The wheel the Ansible roles install (pyzmq and PyYAML come from Debian on the hosts).
+wheel: deps
+	rm -rf dist && $(VENV)/bin/pip wheel -q --no-deps -w dist .
 
 deps: deps-apt $(VENV)/.installed
 
@@ -39,4 +43,4 @@ $(VENV)/.installed: setup.py
 	@touch $@
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) var build dist *.egg-info

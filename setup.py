@@ -8,7 +8,9 @@ setup(
     py_modules=['broker', 'worker', 'semaphore'],
     python_requires='>=3.11',
     install_requires=['pyzmq>=25', 'PyYAML>=6'],
-    extras_require={'test': ['pytest>=7', 'pytest-timeout>=2', 'hypothesis>=6']},
+    extras_require={'test': ['pytest>=7', 'pytest-timeout>=2', 'hypothesis>=6',
+                             # the deployment test: ansible-core 2.19 is the last series for Python 3.11
+                             'ansible-core>=2.19,<2.20', 'ansible-lint']},
     entry_points={'console_scripts': [
         'jobz-broker=broker:main',
         'jobz-worker=worker:main',
