@@ -10,7 +10,7 @@ import zmq
 from . import protocol as p
 from .jobfile import NAME_RE, Job, ParamError, prepare_params
 from .journal import Journal
-from .curve import PUB_DOMAIN, ROUTER_DOMAIN, Authenticator, Enrolled, make_server
+from .curve import PUB_DOMAIN, ROUTER_DOMAIN, Enrolled, make_server, start_authenticator
 from .tls import ClientCerts
 from .m2 import BadMessage, Connection, Request
 
@@ -66,7 +66,7 @@ class Broker:
         self.curve_secret, self.enrolled = curve_secret, enrolled
         self.enrolled_due = 0.0
         # ZAP must run before a CURVE socket binds; it names each peer by its enrolled key.
-        self.auth = Authenticator(ctx, enrolled) if enrolled else None
+        self.auth = start_authenticator(ctx, enrolled) if enrolled else None
         self.m2 = Connection(ctx, m2_recv, m2_send, m2_ident)    # the plain front end
         self.m2.tls = False
         self.fronts = [self.m2]

@@ -102,15 +102,11 @@ class Enrolled:
         return False
 
 
-class Authenticator(ThreadAuthenticator):
-    """ZAP: admit enrolled keys; name them by their file; keep restricted keys off the PUB socket."""
+class KeyCheck:
+    """ZAP's questions: is this key enrolled (here), and what is its name (User-Id)?"""
 
-    def __init__(self, ctx: zmq.Context, enrolled: Enrolled):
-        super().__init__(ctx, log=logging.getLogger('jobz.zap'))
+    def __init__(self, enrolled: Enrolled):
         self.enrolled = enrolled
-        self.start()
-        for domain in (PUB_DOMAIN, ROUTER_DOMAIN):
-            self.configure_curve_callback(domain, credentials_provider=self)
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
         entry = self.enrolled.lookup(z85_key)
@@ -123,9 +119,22 @@ class Authenticator(ThreadAuthenticator):
             return False
         return True
 
-    def curve_user_id(self, client_public_key: bytes) -> str:
+    def user_id(self, client_public_key: bytes) -> str:
         entry = self.enrolled.lookup(z85.encode(client_public_key))
         return entry[0] if entry else ''
+
+
+def start_authenticator(ctx: zmq.Context, enrolled: Enrolled) -> ThreadAuthenticator:
+    """pyzmq's ZAP thread, asking KeyCheck; stop it with .stop()."""
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger('jobz.zap'))
+    auth.start()
+    check = KeyCheck(enrolled)
+    for domain in (PUB_DOMAIN, ROUTER_DOMAIN):
+        auth.configure_curve_callback(domain, credentials_provider=check)
+    # The object that answers ZAP differs between pyzmq versions (Debian's 24 proxies to it,
+    # 25+ is it): either way it is thread.authenticator, and its curve_user_id names the peer.
+    auth.thread.authenticator.curve_user_id = check.user_id
+    return auth
 
 
 def make_server(sock: zmq.Socket, secret_file: str, domain: str) -> None:

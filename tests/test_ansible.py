@@ -1,20 +1,26 @@
 """Deploy with Ansible onto three real hosts (systemd-nspawn containers with systemd), then use them.
 
-The front end (Mongrel2, broker, semaphore) and two worker hosts. Deploy; deploy again and
-nothing changes; a trigger over HTTP runs on both worker hosts and chains into a fan-in
-semaphore; a killed worker is restarted by systemd and catches up; a rebooted host comes back.
+The front end (Mongrel2, broker, semaphore) and two worker hosts, deployed the secure way: HTTPS
+with client certificates from our own CA, CURVE between broker and agents, plain HTTP on the front
+end's loopback only. Deploy; deploy again and nothing changes; a trigger over HTTPS runs on both
+worker hosts and chains into a fan-in semaphore; a killed worker is restarted by systemd and
+catches up; a rebooted host comes back.
 """
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 import yaml
 
-from conftest import ROOT, http, wait_for
+from conftest import ROOT, wait_for
 from hosts import Hosts
+from jobz import ca, keys
 
 CATALOG = """
 where:                     # runs on every worker host: each notes where it ran
@@ -56,17 +62,26 @@ def deployed(tmp_path_factory):
     (work / 'catalog' / 'jobs.yaml').write_text(CATALOG)
     with Hosts(['front', 'node1', 'node2'], str(work / 'hosts')) as hosts:
         front = hosts['front']
+        pki, kdir = str(work / 'ca'), str(work / 'keys')
+        agents = ['node1', 'node2', 'front-semaphore']
+        ca.main(['--dir', pki, 'init'])
+        ca.main(['--dir', pki, 'server', 'jobz-tls', '--host', front.addr])
+        for name in agents + ['tester']:
+            ca.main(['--dir', pki, 'client', name])
+        for name in ['broker'] + agents:
+            keys.main(['new', name, '--dir', kdir])
         inventory = {'all': {
             'vars': {'ansible_user': 'root', 'ansible_ssh_private_key_file': hosts.key,
                      'ansible_python_interpreter': '/usr/bin/python3',
                      'ansible_ssh_common_args': '-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null',
                      'ansible_control_path_dir': hosts.control_dir,
                      'jobz_apt_update': False,        # the hosts have no route to a mirror
+                     'jobz_ca_dir': pki, 'jobz_curve_keys': kdir,
                      'jobz_front_jobs_dir': str(work / 'catalog'),
                      'jobz_semaphore_jobs_dir': str(work / 'catalog')},
             'children': {
-                'jobz_front': {'hosts': {'front': {'ansible_host': front.addr, 'jobz_front_http_bind': front.addr,
-                                                   'jobz_front_zmq_bind': front.addr}}},
+                'jobz_front': {'hosts': {'front': {'ansible_host': front.addr, 'jobz_front_zmq_bind': front.addr,
+                                                   'jobz_front_clients': ['tester']}}},
                 'jobz_semaphores': {'hosts': {'front': {}}},
                 'jobz_workers': {'hosts': {
                     name: {'ansible_host': hosts[name].addr,
@@ -77,35 +92,55 @@ def deployed(tmp_path_factory):
             yaml.safe_dump(inventory, f)
         first = playbook(path, wheel, str(work / 'ansible.log'))
         second = playbook(path, wheel, str(work / 'ansible.log'))
-        yield {'hosts': hosts, 'url': f'http://{front.addr}:6769', 'first': first, 'second': second}
+        context = ssl.create_default_context(cafile=f'{pki}/ca.crt')
+        context.load_cert_chain(f'{pki}/clients/tester.crt', f'{pki}/clients/tester.key')
+        yield {'hosts': hosts, 'url': f'https://{front.addr}:6443', 'context': context,
+               'first': first, 'second': second}
 
 
 def test_second_deploy_changes_nothing(deployed):
     assert set(deployed['second']) == {'front', 'node1', 'node2'}
-    assert all(r['changed'] == 0 and r['failed'] == 0 for r in deployed['second'].values()), deployed['second']
+    assert all(r['changed'] == 0 and r['failed'] == 0 for r in deployed['second'].values()), \
+        f"{deployed['second']}\n{journals(deployed['hosts'])}"
     assert all(r['changed'] > 0 for r in deployed['first'].values())
 
 
 def test_trigger_runs_on_both_hosts_and_fans_in(deployed):
-    url, hosts = deployed['url'], deployed['hosts']
-    wait_for(lambda: _workers_alive(url) >= {'node1', 'node2', 'front-semaphore'}, timeout=60, what='workers')
-    status, run = http(url + '/job_start?job_name=where&tag=t1&wait=60')
+    hosts = deployed['hosts']
+    try:
+        wait_for(lambda: _workers_alive(deployed) >= {'node1', 'node2', 'front-semaphore'}, timeout=60,
+                 what='workers')
+    except AssertionError as e:
+        raise AssertionError(f'{e}\n{journals(hosts)}') from None
+    status, run = get(deployed, '/job_start?job_name=where&tag=t1&wait=60')
     assert status == 200, run
-    assert sorted(run['workers']) == ['node1', 'node2']
+    assert sorted(run['workers']) == ['node1', 'node2'] and run['triggered_by'] == 'tester'
+    # Only the enrolled certificate gets in; the plain front end stays on the front host's loopback.
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{hosts['front'].addr}:6769/health", timeout=5)
     for name in ('node1', 'node2'):        # the files are in each container's own root
         assert 't1 ' + name in _lines(hosts[name], 'where.txt')
     # The semaphore released `finish` once both had reported; it runs on both hosts too.
     wait_for(lambda: all('finished t1' in _lines(hosts[n], 'finish.txt') for n in ('node1', 'node2')),
              timeout=60, what='the fan-in')
     assert sum(_lines(hosts[n], 'finish.txt').count('finished t1') for n in ('node1', 'node2')) == 2
+    # The chain went through HTTPS with each agent's own certificate, over CURVE.
+    children = get(deployed, '/job_status?run_id=' + run['run_id'])[1]['children']
+    assert len(children) == 2     # each worker's on_success call reached the semaphore
+    for child in [get(deployed, '/job_status?run_id=' + c)[1] for c in children]:
+        assert child['job'] == 'both_done' and child['triggered_by'] in ('node1', 'node2')
+    releases = [r for c in children for r in get(deployed, '/job_status?run_id=' + c)[1]['children']]
+    assert len(releases) == 1
+    release = get(deployed, '/job_status?run_id=' + releases[0])[1]
+    assert release['job'] == 'finish' and release['triggered_by'] == 'front-semaphore'
 
 
 def test_killed_worker_is_restarted_and_catches_up(deployed):
-    url, node2 = deployed['url'], deployed['hosts']['node2']
+    node2 = deployed['hosts']['node2']
     before = _restarts(node2)
     node2.ssh('systemctl kill -s KILL jobz-worker@node2', check=True)
     # Published while node2's worker is down: it must still run there once systemd restarts it.
-    status, run = http(url + '/job_start?job_name=where&tag=t2')
+    status, run = get(deployed, '/job_start?job_name=where&tag=t2')
     assert status == 200
     wait_for(lambda: _restarts(node2) > before, timeout=30, what='systemd to restart the worker')
     wait_for(lambda: 't2 node2' in _lines(node2, 'where.txt'), timeout=60, what='the worker to catch up')
@@ -113,14 +148,19 @@ def test_killed_worker_is_restarted_and_catches_up(deployed):
 
 
 def test_rebooted_host_comes_back(deployed):
-    url, node1 = deployed['url'], deployed['hosts']['node1']
+    node1 = deployed['hosts']['node1']
     node1.poweroff_and_boot()
     wait_for(lambda: node1.ssh('systemctl is-active jobz-worker@node1').stdout.strip() == 'active',
              timeout=120, what='the worker to start at boot')
-    wait_for(lambda: 'node1' in _workers_alive(url), timeout=60, what='node1 back at the broker')
-    status, run = http(url + '/job_start?job_name=where&tag=t3&wait=60')
+    wait_for(lambda: 'node1' in _workers_alive(deployed), timeout=60, what='node1 back at the broker')
+    status, run = get(deployed, '/job_start?job_name=where&tag=t3&wait=60')
     assert status == 200 and run['state'] == 'succeeded'
     assert 't3 node1' in _lines(node1, 'where.txt')
+
+
+def journals(hosts) -> str:
+    """The jobz units' recent logs on every host, for a failure message."""
+    return '\n'.join(f'--- {h.name}\n' + h.ssh("journalctl -u 'jobz-*' -n 40 --no-pager").stdout for h in hosts)
 
 
 def _lines(host, name: str) -> list[str]:
@@ -136,9 +176,18 @@ def _restarts(host) -> int:
     return int(out.strip() or 0)
 
 
-def _workers_alive(url: str) -> set:
+def get(deployed, path: str, timeout: float = 90) -> tuple[int, dict]:
+    """GET over HTTPS with the tester's client certificate: (status, JSON)."""
     try:
-        status, workers = http(url + '/workers', timeout=5)
+        with urllib.request.urlopen(deployed['url'] + path, timeout=timeout, context=deployed['context']) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def _workers_alive(deployed) -> set:
+    try:
+        status, workers = get(deployed, '/workers', timeout=5)
     except OSError:
         return set()
     return {n for n, w in workers.items() if w['alive']} if status == 200 else set()
