@@ -169,7 +169,7 @@ class Agent:
         return self._store(calls)
 
     def _take_replies(self) -> list[dict]:
-        calls = []
+        calls, acked = [], []
         for _ in range(1000):
             try:
                 frames = self.dealer.recv_multipart(zmq.NOBLOCK)
@@ -187,10 +187,15 @@ class Agent:
                 elif verb == p.CALL:
                     calls += self._live([payload])
                 elif verb == p.ACK and isinstance(msg.get('run_id'), str):
-                    self.db.execute('DELETE FROM outbox WHERE run_id = ?', (msg['run_id'],))
-                    self.sent_at.pop(msg['run_id'], None)
+                    acked.append(msg['run_id'])
             except ValueError:
                 log.warning('dropping a bad %r from the broker', verb[:32])
+        if acked:    # one commit for every acknowledgement that arrived together
+            self.db.execute('BEGIN')
+            self.db.executemany('DELETE FROM outbox WHERE run_id = ?', [(r,) for r in acked])
+            self.db.execute('COMMIT')
+            for run_id in acked:
+                self.sent_at.pop(run_id, None)
         return calls
 
     def _on_calls(self, msg: dict) -> list[dict]:
