@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-faults wheel deps deps-apt clean
+.PHONY: run test bench bench-faults bench-peers wheel deps deps-apt clean
 
 run: deps
 	$(PY) -m jobz.stack
@@ -17,6 +17,12 @@ bench: deps
 
 bench-faults: deps
 	$(PY) bench/faults.py
+
+# Celery with Redis, RQ and the raw spawn limit, on the same work (needs redis-server).
+bench-peers: deps
+	@command -v redis-server >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server)
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	$(PY) bench/peers.py
 
 # The wheel the Ansible roles install (pyzmq and PyYAML come from Debian on the hosts).
 wheel: deps

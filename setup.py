@@ -10,7 +10,9 @@ setup(
     install_requires=['pyzmq>=25', 'PyYAML>=6'],
     extras_require={'test': ['pytest>=7', 'pytest-timeout>=2', 'hypothesis>=6',
                              # the deployment test: ansible-core 2.19 is the last series for Python 3.11
-                             'ansible-core>=2.19,<2.20', 'ansible-lint']},
+                             'ansible-core>=2.19,<2.20', 'ansible-lint'],
+                    # bench/peers.py: the runners people would pick instead
+                    'bench': ['celery', 'redis', 'rq']},
     entry_points={'console_scripts': [
         'jobz-broker=broker:main',
         'jobz-worker=worker:main',
