@@ -72,7 +72,7 @@ class Agent:
         self.heard = time.monotonic()   # when the broker last said anything
         self.silent = False
         self.reconnect_due = float('inf')   # while silent: when to drop and rebuild the sockets
-        self.prune_due = 0.0
+        self.prune_due = self.outbox_due = self.http_due = 0.0    # monotonic times of clock work
         self.db = sqlite3.connect(db_path, isolation_level=None)
         self.db.execute('PRAGMA journal_mode=WAL')
         self.db.execute('PRAGMA synchronous=FULL')
@@ -264,6 +264,8 @@ class Agent:
         self.db.executemany('INSERT INTO http_out (url, next_at, first_at) VALUES (?, ?, ?)',
                             [(u, now, now) for u in urls])
         self.db.execute('COMMIT')
+        if urls:
+            self.http_due = 0.0    # call them at the next tick, not half a second later
         self._send(p.RESULT, result)
         self.sent_at[run_id] = time.monotonic()
 
@@ -296,21 +298,24 @@ class Agent:
         if self.sync_sent is None and now >= self.sync_due:
             self._send(p.SYNC, {'topics': self.topics, 'cursors': self.cursors, 'running': self.running()})
             self.sync_sent = now
-        for run_id, result in self.db.execute('SELECT run_id, result FROM outbox').fetchall():
-            if now - self.sent_at.get(run_id, 0.0) >= RESEND_AFTER:
-                self._send(p.RESULT, json.loads(result))
-                self.sent_at[run_id] = now
-        self._http_tick()
+        if now >= self.outbox_due:    # once a second is plenty: a result is resent after RESEND_AFTER
+            self.outbox_due = now + 1.0
+            for run_id, result in self.db.execute('SELECT run_id, result FROM outbox').fetchall():
+                if now - self.sent_at.get(run_id, 0.0) >= RESEND_AFTER:
+                    self._send(p.RESULT, json.loads(result))
+                    self.sent_at[run_id] = now
+        self._http_tick(now)
         if now >= self.prune_due:
             self.prune_due = now + 3600.0
             self.prune()
 
-    def _http_tick(self) -> None:
+    def _http_tick(self, now: float) -> None:
         while True:
             try:
                 row_id, ok = self.http_done.get_nowait()
             except queue.Empty:
                 break
+            self.http_due = 0.0    # a retry may now be scheduled: look again
             self.http_busy.discard(row_id)
             if ok:
                 self.db.execute('DELETE FROM http_out WHERE id = ?', (row_id,))
@@ -319,6 +324,9 @@ class Agent:
             backoff = min(60.0, 0.5 * 2 ** tries) * random.uniform(0.5, 1.0)
             self.db.execute('UPDATE http_out SET tries = tries + 1, next_at = ? WHERE id = ?',
                             (time.time() + backoff, row_id))
+        if now < self.http_due:
+            return
+        self.http_due = now + 0.5    # retries back off by 0.25 s and more; new URLs reset this
         due = self.db.execute('SELECT id, url, first_at FROM http_out WHERE next_at <= ? ORDER BY id',
                               (time.time(),)).fetchall()
         for row_id, url, first_at in due:
@@ -349,6 +357,13 @@ class Agent:
     def prune(self) -> None:
         """Forget done calls after KEEP_DONE; the journal will not hand them out again by then."""
         self.db.execute("DELETE FROM calls WHERE state = 'done' AND at < ?", (time.time() - KEEP_DONE,))
+
+    def flush(self, timeout: float = 3.0) -> None:
+        """Before leaving: give unacknowledged results and handler calls a moment to go out."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and any(self.pending()):
+            self.poll(50)
+            self.tick(time.monotonic())
 
     def pending(self) -> tuple[int, int]:
         """(results not yet acknowledged, handler calls not yet made)."""

@@ -93,9 +93,6 @@ class Connection:
         self.resp.setsockopt(zmq.IDENTITY, ident.encode())
         self.resp.connect(pub_addr)
 
-    def recv(self) -> Request:
-        return Request.parse(self.reqs.recv(zmq.NOBLOCK))
-
     def reply(self, sender: bytes, conn_ids: list[bytes], payload: bytes) -> None:
         ids = b' '.join(conn_ids)
         self.resp.send(sender + b' ' + str(len(ids)).encode() + b':' + ids + b', ' + payload)

@@ -39,10 +39,7 @@ class Semaphore:
             for call in calls:
                 self.handle(call)
             self.agent.tick(time.monotonic())
-        end = time.monotonic() + 3.0
-        while time.monotonic() < end and any(self.agent.pending()):
-            self.agent.poll(50)
-            self.agent.tick(time.monotonic())
+        self.agent.flush()
 
     def handle(self, call: dict) -> None:
         run_id = str(call['run_id'])

@@ -17,7 +17,6 @@ log = logging.getLogger('jobz.worker')
 class Running:
     call: dict
     proc: subprocess.Popen
-    pidfd: int
     out_path: str
     started: float                  # time.time(), shown to people
     deadline: float | None          # monotonic
@@ -97,14 +96,7 @@ class Worker:
             if not self.stop_requests:
                 self.start_queued()
             self.tick(time.monotonic())
-        self.flush()
-
-    def flush(self, timeout: float = 3.0) -> None:
-        """Give unacknowledged results and handler calls a moment before leaving."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and any(self.agent.pending()):
-            self.agent.poll(50)
-            self.agent.tick(time.monotonic())
+        self.agent.flush()
 
     def _timeout_ms(self) -> int:
         return 100 if not self.stop_requests else 50
@@ -194,7 +186,7 @@ class Worker:
             self.agent.finish(run_id, {'state': 'failed', 'reason': f'cannot start: {e}'})
             return
         deadline = time.monotonic() + job.timeout if job.timeout else None
-        self.running[pidfd] = Running(call, proc, pidfd, out_path, started, deadline)
+        self.running[pidfd] = Running(call, proc, out_path, started, deadline)
         log.debug('run %s: started %s (pid %d)', run_id, job.name, proc.pid)
 
     # -- finishing ---------------------------------------------------------
