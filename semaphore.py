@@ -21,6 +21,8 @@ def parse_args(argv=None):
     ap.option('--name', env='JOBZ_NAME', default=defaults.HOSTNAME + '-semaphore',
               help='semaphore name, unique among workers (its counts are kept under it)')
     ap.jobs_option()
+    ap.option('--topics', env='JOBZ_TOPICS', default=None, shown='the topics of every semaphore job',
+              help='comma-separated semaphore topics to count (several semaphores can share the gates out)')
     ap.agent_options()
     return ap.parse_agent_args(argv)
 
@@ -29,9 +31,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     jobs = load_or_exit(args.jobs, log)
-    topics = sorted({j.topic for j in jobs.values() if j.semaphore})
-    if not topics:
+    ours = sorted({j.topic for j in jobs.values() if j.semaphore})
+    if not ours:
         sys.exit('error: the job files define no semaphore job')
+    topics = sorted({t.strip() for t in (args.topics or '').split(',') if t.strip()}) or ours
+    if set(topics) - set(ours):
+        sys.exit(f'error: --topics: no semaphore job has topic {", ".join(sorted(set(topics) - set(ours)))}')
     os.makedirs(args.home, exist_ok=True)
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,

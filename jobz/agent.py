@@ -3,6 +3,11 @@
 The agent keeps, per topic, a cursor (the last sequence number it has taken),
 the calls it has taken (queued, started, done), an outbox of results until the
 broker acknowledges them, and an outbox of handler URLs until they are called.
+
+Writes go into one transaction per loop turn: the owner calls commit() once a
+turn, which makes everything durable with one fsync and only then sends the
+messages that depended on it (STARTED, RESULT). Under load a turn carries many
+calls, so the cost of durability is shared instead of paid per call.
 """
 import json
 import logging
@@ -41,6 +46,7 @@ CREATE TABLE IF NOT EXISTS http_out (
     first_at REAL NOT NULL
 );
 """
+ANNOUNCE_MS = 10        # a job still running this long after its start is announced (STARTED)
 RESEND_AFTER = 3.0      # seconds without an ACK before a result is sent again
 HTTP_GIVE_UP = 86400.0  # a handler URL that keeps failing is dropped (with an error) after a day
 KEEP_DONE = 7 * 86400.0 # how long the ids of done calls are kept to recognise a replay
@@ -81,6 +87,11 @@ class Agent:
         self.sync_due = 0.0             # monotonic time of the next SYNC
         self.sync_sent = None           # monotonic time the SYNC in flight was sent
         self.sent_at: dict[str, float] = {}   # run_id -> when its result was last sent
+        self.outgoing: list[tuple[bytes, dict]] = []   # messages waiting for this turn's commit
+        # STARTED goes out one turn after the start, and only if the job still runs then: a short
+        # job's RESULT (which carries its start time) says it all, with one message less.
+        self.starting: dict[str, float] = {}     # run_id -> start time, marked in this turn
+        self.announce: dict[str, float] = {}     # run_id -> start time, to announce at this commit
         self.http_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix='jobz-http')
         self.http_busy: set[int] = set()
         self.http_done: queue.Queue = queue.Queue()
@@ -116,6 +127,10 @@ class Agent:
     # -- receiving calls --------------------------------------------------
     def poll(self, timeout_ms: int, fds=()) -> tuple[list[dict], list[int]]:
         """Wait for input; return (new calls, the given fds that are readable)."""
+        self.announce.update(self.starting)
+        self.starting = {}
+        if self.announce:
+            timeout_ms = min(timeout_ms, ANNOUNCE_MS)
         poller = zmq.Poller()
         poller.register(self.sub, zmq.POLLIN)
         poller.register(self.dealer, zmq.POLLIN)
@@ -186,14 +201,13 @@ class Agent:
                     calls += self._on_calls(msg)
                 elif verb == p.CALL:
                     calls += self._live([payload])
-                elif verb == p.ACK and isinstance(msg.get('run_id'), str):
-                    acked.append(msg['run_id'])
+                elif verb == p.ACK:
+                    ids = msg.get('run_ids') if isinstance(msg.get('run_ids'), list) else [msg.get('run_id')]
+                    acked += [r for r in ids if isinstance(r, str)]
             except ValueError:
                 log.warning('dropping a bad %r from the broker', verb[:32])
-        if acked:    # one commit for every acknowledgement that arrived together
-            self.db.execute('BEGIN')
-            self.db.executemany('DELETE FROM outbox WHERE run_id = ?', [(r,) for r in acked])
-            self.db.execute('COMMIT')
+        if acked:
+            self.write().executemany('DELETE FROM outbox WHERE run_id = ?', [(r,) for r in acked])
             for run_id in acked:
                 self.sent_at.pop(run_id, None)
         return calls
@@ -212,20 +226,14 @@ class Agent:
         return self._store(calls)
 
     def _store(self, calls: list[dict]) -> list[dict]:
-        """Journal new calls as queued and save cursors, in one transaction; return the new ones."""
-        new = []
-        self.db.execute('BEGIN')
-        try:
-            for call in calls:
-                cur = self.db.execute("INSERT OR IGNORE INTO calls (run_id, call, state, at) "
-                                      "VALUES (?, ?, 'queued', ?)", (call['run_id'], json.dumps(call), time.time()))
-                if cur.rowcount:
-                    new.append(call)
-            self.db.executemany('INSERT OR REPLACE INTO cursors VALUES (?, ?)', self.cursors.items())
-            self.db.execute('COMMIT')
-        except Exception:
-            self.db.execute('ROLLBACK')
-            raise
+        """Journal new calls as queued and save cursors (in this turn's transaction); return the new ones."""
+        db, new, now = self.write(), [], time.time()
+        for call in calls:
+            cur = db.execute("INSERT OR IGNORE INTO calls (run_id, call, state, at) VALUES (?, ?, 'queued', ?)",
+                             (call['run_id'], json.dumps(call), now))
+            if cur.rowcount:
+                new.append(call)
+        db.executemany('INSERT OR REPLACE INTO cursors VALUES (?, ?)', self.cursors.items())
         return new
 
     def queued(self) -> list[dict]:
@@ -238,35 +246,51 @@ class Agent:
             "SELECT call, attempts FROM calls WHERE state = 'started' ORDER BY at")]
 
     # -- reporting --------------------------------------------------------
+    # -- the transaction of a loop turn -----------------------------------
+    def write(self) -> sqlite3.Connection:
+        """The database, inside this turn's transaction (begun on first use)."""
+        if not self.db.in_transaction:
+            self.db.execute('BEGIN')
+        return self.db
+
+    def commit(self) -> None:
+        """Make this turn's writes durable (one fsync), then send the messages that waited for it."""
+        if self.db.in_transaction:
+            self.db.execute('COMMIT')
+        out, self.outgoing = self.outgoing, []
+        out += [(p.STARTED, {'run_id': r, 'started': t}) for r, t in self.announce.items()]
+        self.announce = {}
+        for verb, msg in out:
+            self._send(verb, msg)
+
+    # -- reporting --------------------------------------------------------
     def mark_started(self, calls: list[dict]) -> float:
-        """Record calls as started (durably, before they run); return the start time."""
+        """Record calls as started; the owner commits before it runs them. Return the start time."""
         started = time.time()
-        self.db.execute('BEGIN')
-        self.db.executemany("UPDATE calls SET state = 'started', at = ?, attempts = attempts + 1 WHERE run_id = ?",
-                            [(started, c['run_id']) for c in calls])
-        self.db.execute('COMMIT')
-        for call in calls:
-            self._send(p.STARTED, {'run_id': call['run_id'], 'started': started})
+        self.write().executemany("UPDATE calls SET state = 'started', at = ?, attempts = attempts + 1 "
+                                 "WHERE run_id = ?", [(started, c['run_id']) for c in calls])
+        self.starting.update((call['run_id'], started) for call in calls)
         return started
 
     def finish(self, run_id: str, result: dict, urls: list[str] = (), inside=None) -> None:
-        """Record a result and its handler URLs durably, then send the result.
+        """Record a result and its handler URLs; sent once the turn commits.
 
         `inside(db)`, if given, runs in the same transaction and returns more URLs.
         """
         now = time.time()
-        self.db.execute('BEGIN')
+        db = self.write()
         if inside is not None:
-            urls = list(urls) + inside(self.db)
+            urls = list(urls) + inside(db)
         result = dict(result, run_id=run_id)
-        self.db.execute("UPDATE calls SET state = 'done', at = ? WHERE run_id = ?", (now, run_id))
-        self.db.execute('INSERT OR REPLACE INTO outbox VALUES (?, ?)', (run_id, json.dumps(result)))
-        self.db.executemany('INSERT INTO http_out (url, next_at, first_at) VALUES (?, ?, ?)',
-                            [(u, now, now) for u in urls])
-        self.db.execute('COMMIT')
+        self.starting.pop(run_id, None)
+        self.announce.pop(run_id, None)
+        db.execute("UPDATE calls SET state = 'done', at = ? WHERE run_id = ?", (now, run_id))
+        db.execute('INSERT OR REPLACE INTO outbox VALUES (?, ?)', (run_id, json.dumps(result)))
+        db.executemany('INSERT INTO http_out (url, next_at, first_at) VALUES (?, ?, ?)',
+                       [(u, now, now) for u in urls])
         if urls:
             self.http_due = 0.0    # call them at the next tick, not half a second later
-        self._send(p.RESULT, result)
+        self.outgoing.append((p.RESULT, result))
         self.sent_at[run_id] = time.monotonic()
 
     def _send(self, verb: bytes, msg: dict) -> None:
@@ -317,12 +341,13 @@ class Agent:
                 break
             self.http_due = 0.0    # a retry may now be scheduled: look again
             self.http_busy.discard(row_id)
+            db = self.write()
             if ok:
-                self.db.execute('DELETE FROM http_out WHERE id = ?', (row_id,))
+                db.execute('DELETE FROM http_out WHERE id = ?', (row_id,))
                 continue
-            (tries,) = self.db.execute('SELECT tries FROM http_out WHERE id = ?', (row_id,)).fetchone()
+            (tries,) = db.execute('SELECT tries FROM http_out WHERE id = ?', (row_id,)).fetchone()
             backoff = min(60.0, 0.5 * 2 ** tries) * random.uniform(0.5, 1.0)
-            self.db.execute('UPDATE http_out SET tries = tries + 1, next_at = ? WHERE id = ?',
+            db.execute('UPDATE http_out SET tries = tries + 1, next_at = ? WHERE id = ?',
                             (time.time() + backoff, row_id))
         if now < self.http_due:
             return
@@ -334,7 +359,7 @@ class Agent:
                 continue
             if time.time() - first_at > HTTP_GIVE_UP:
                 log.error('giving up on handler call %s after a day of failures', url)
-                self.db.execute('DELETE FROM http_out WHERE id = ?', (row_id,))
+                self.write().execute('DELETE FROM http_out WHERE id = ?', (row_id,))
                 continue
             self.http_busy.add(row_id)
             self.http_pool.submit(self._call_url, row_id, url)
@@ -356,7 +381,7 @@ class Agent:
 
     def prune(self) -> None:
         """Forget done calls after KEEP_DONE; the journal will not hand them out again by then."""
-        self.db.execute("DELETE FROM calls WHERE state = 'done' AND at < ?", (time.time() - KEEP_DONE,))
+        self.write().execute("DELETE FROM calls WHERE state = 'done' AND at < ?", (time.time() - KEEP_DONE,))
 
     def flush(self, timeout: float = 3.0) -> None:
         """Before leaving: give unacknowledged results and handler calls a moment to go out."""
@@ -364,6 +389,7 @@ class Agent:
         while time.monotonic() < end and any(self.pending()):
             self.poll(50)
             self.tick(time.monotonic())
+            self.commit()
 
     def pending(self) -> tuple[int, int]:
         """(results not yet acknowledged, handler calls not yet made)."""
@@ -371,6 +397,7 @@ class Agent:
                 self.db.execute('SELECT count(*) FROM http_out').fetchone()[0])
 
     def close(self) -> None:
+        self.commit()
         self._send(p.BYE, {})
         self.http_pool.shutdown(wait=False, cancel_futures=True)
         self.sub.close()

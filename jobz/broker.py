@@ -20,6 +20,7 @@ MAX_WAIT = 3600.0
 MAX_WAITERS = 1000   # wait= requests held at once
 MAX_MESSAGE = 4 << 20   # bytes of one message from a worker or from Mongrel2; larger: dropped by ZeroMQ
 BATCH = 256          # messages handled per commit: one fsync carries a whole burst
+COMMIT_DELAY = 0.005 # seconds worker reports may wait for company before their commit
 SYNC_BATCH = 500     # calls per CALLS answer
 ROUTES = {           # path -> allowed methods
     '/': ('GET', 'HEAD'),
@@ -92,6 +93,11 @@ class Broker:
                                   'saved': time.monotonic()}
         self.waiters: dict[str, list] = {}   # run_id -> [(request, deadline)]
         self.new_waits: list = []            # waits of this burst, kept only if it commits
+        # Worker reports written but not yet committed: their ACKs and the runs they touched wait
+        # for the commit, which comes at the next HTTP answer or COMMIT_DELAY after the first.
+        self.held_since: float | None = None
+        self.acks: dict[bytes, list[str]] = {}
+        self.touched: set[str] = set()
         self.stopping = False
         self.started = time.time()
 
@@ -133,39 +139,59 @@ class Broker:
             poller.register(front.reqs, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         while not self.stopping:
-            events = dict(poller.poll(100))
+            timeout = 100.0 if self.held_since is None else \
+                max(0.0, (self.held_since + COMMIT_DELAY - time.monotonic()) * 1000)
+            events = dict(poller.poll(timeout))
             self.step(http=[f for f in self.fronts if f.reqs in events], router=self.router in events)
             self.tick(time.monotonic())
 
     def step(self, http=True, router: bool = True) -> None:
         """Handle one burst: journal it in one transaction, then publish, then answer.
 
-        `http` is True (every front end) or the front ends with requests waiting."""
-        calls, http_out, router_out, touched = [], [], [], set()
+        `http` is True (every front end) or the front ends with requests waiting.
+        Nothing is answered, published or acknowledged before the commit. A burst of worker
+        reports alone may be held open for COMMIT_DELAY, so reports arriving one by one share an
+        fsync: a worker keeps each result in its outbox until the ACK, so a crash loses none."""
+        calls, http_out, router_out = [], [], []
         self.journal.begin()
+        before = self.journal.db.total_changes
         try:
             for front in (self.fronts if http is True else http or []):
-                self._drain(front.reqs, lambda m, f=front: self.on_http(m, f, calls, http_out, touched))
+                self._drain(front.reqs, lambda m, f=front: self.on_http(m, f, calls, http_out, self.touched))
             if router:
-                self._drain(self.router, lambda m: self.on_router(m, router_out, touched), router=True)
-            self.journal.commit()
+                self._drain(self.router, lambda m: self.on_router(m, router_out, self.touched, self.acks),
+                            router=True)
+            now = time.monotonic()
+            if self.held_since is None and self.journal.db.total_changes != before:
+                self.held_since = now
+            hold = (not (http_out or calls or self.new_waits) and self.held_since is not None
+                    and now - self.held_since < COMMIT_DELAY)
+            if not hold:
+                self.journal.commit()
         except Exception:
             log.exception('journal commit failed; answering 500 to the whole burst')
             self.journal.rollback()
-            calls, router_out, touched = [], [], set()
+            hold, calls, router_out, self.touched, self.acks = False, [], [], set(), {}
             http_out = [(req, 500, {'error': 'journal write failed'}) for req, _, _ in http_out]
             http_out += [(req, 500, {'error': 'journal write failed'}) for _, req, _ in self.new_waits]
             self.new_waits = []
+        for frames in router_out:    # answers to SYNC: reads only
+            self.router.send_multipart(frames)
+        if hold:
+            return
+        self.held_since = None
         for call in calls:
             self.publish(call)
-        for frames in router_out:
-            self.router.send_multipart(frames)
+        for ident, run_ids in self.acks.items():    # one ACK per worker for all its results
+            self.router.send_multipart([ident, p.ACK, p.pack({'run_ids': run_ids})])
+        self.acks = {}
         for req, status, body in http_out:
             req.front.reply_http(req, status, encode(body))
         for run_id, req, deadline in self.new_waits:
             self.waiters.setdefault(run_id, []).append((req, deadline))
-            touched.add(run_id)
+            self.touched.add(run_id)
         self.new_waits = []
+        touched, self.touched = self.touched, set()
         for run_id in touched:
             self.check_waiters(run_id)
 
@@ -371,10 +397,15 @@ class Broker:
                 raise HttpError(400, str(e)) from None
             run_id = new_run_id()
             parent = q.get('parent') if q.get('parent') and self.journal.exists(q['parent']) else None
+            workers = self.expected_workers(job.topic)
             call = self.journal.add_run(run_id, job.name, job.topic, params, sanitized, key,
-                                        self.expected_workers(job.topic), parent, job.expires, req.who)
+                                        workers, parent, job.expires, req.who)
             calls.append(call)
             log.info('run %s: job %s on topic %s, seq %d, by %s', run_id, job.name, job.topic, call['seq'], req.who)
+            if wait is None:    # answered from what we just wrote: no need to read it back
+                return {'run_id': run_id, 'job': job.name, 'topic': job.topic, 'params': params,
+                        'sanitized': sanitized, 'workers': workers, 'existing': False,
+                        'status_url': f'/job_status?run_id={run_id}'}
             existing = False
         else:
             existing = True
@@ -416,7 +447,7 @@ class Broker:
         """Workers a new run on `topic` waits for: those alive and subscribed now."""
         return sorted(n for n in self.live_workers() if topic in self.workers[n]['topics'])
 
-    def on_router(self, message: tuple, out: list, touched: set) -> None:
+    def on_router(self, message: tuple, out: list, touched: set, acks: dict) -> None:
         frames, user = message
         if len(frames) != 3:
             log.warning('dropping a worker message with %d frames', len(frames))
@@ -447,7 +478,7 @@ class Broker:
                 if self.may_report(worker, run_id) and self.journal.set_result(run_id, worker, msg):
                     touched.add(run_id)
                     log.info('run %s: %s on %s', run_id, msg['state'], worker)
-                out.append([ident, p.ACK, p.pack({'run_id': run_id})])
+                acks.setdefault(ident, []).append(run_id)
             elif verb == p.BYE:
                 w = self.workers.get(worker)
                 if w:    # remembered (its cursor still guards pruning), no longer expected

@@ -11,11 +11,11 @@ answers with the calls it missed, so PUB may drop messages without losing jobs.
 import json
 
 SYNC = b'SYNC'        # {"topics": [...], "cursors": {topic: seq}, "running": n}
-STARTED = b'STARTED'  # {"run_id", "started"}
+STARTED = b'STARTED'  # {"run_id", "started"} sent only for a job still running a moment after its start
 RESULT = b'RESULT'    # {"run_id", "state", "rc", "signal", "reason", "started", "finished", "output_tail"}
 BYE = b'BYE'          # {} the worker is leaving; stop expecting it for new runs
 CALLS = b'CALLS'      # {"calls": [call...], "cursors": {topic: seq}}
-ACK = b'ACK'          # {"run_id"} the result is journaled; drop it from the outbox
+ACK = b'ACK'          # {"run_ids": [...]} those results are journaled; drop them from the outbox
 CALL = b'CALL'        # call JSON: a live call sent directly, to a worker kept off PUB (topic limits)
 
 DELIMITER = b'\0'     # SUB matches by prefix: without it 'build' would also get 'builder'

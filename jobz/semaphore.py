@@ -39,6 +39,7 @@ class Semaphore:
             for call in calls:
                 self.handle(call)
             self.agent.tick(time.monotonic())
+            self.agent.commit()    # one fsync for every call counted in this turn
         self.agent.flush()
 
     def handle(self, call: dict) -> None:
