@@ -264,13 +264,15 @@ class Agent:
             self._send(verb, msg)
 
     # -- reporting --------------------------------------------------------
-    def mark_started(self, calls: list[dict]) -> float:
-        """Record calls as started; the owner commits before it runs them. Return the start time."""
-        started = time.time()
+    def mark_started(self, calls: list[dict]) -> None:
+        """Record calls as started; the owner commits before it runs them."""
+        now = time.time()
         self.write().executemany("UPDATE calls SET state = 'started', at = ?, attempts = attempts + 1 "
-                                 "WHERE run_id = ?", [(started, c['run_id']) for c in calls])
-        self.starting.update((call['run_id'], started) for call in calls)
-        return started
+                                 "WHERE run_id = ?", [(now, c['run_id']) for c in calls])
+
+    def started(self, run_id: str, at: float) -> None:
+        """A command is running: say so (STARTED) next turn, unless its RESULT comes first."""
+        self.starting[run_id] = at
 
     def finish(self, run_id: str, result: dict, urls: list[str] = (), inside=None) -> None:
         """Record a result and its handler URLs; sent once the turn commits.

@@ -1,4 +1,5 @@
 """Job files: load and validate the YAML catalog, sanitize values, fill in placeholders."""
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -44,12 +45,13 @@ class Job:
     retry: dict | None = None                       # {'count': int, 'backoff': seconds}
     expires: float | None = None                    # seconds after the trigger
 
-    def placeholders(self) -> set:
-        """Names a trigger must supply (built-ins excluded)."""
+    @functools.cached_property
+    def placeholders(self) -> frozenset:
+        """Names a trigger must supply (built-ins excluded); worked out once per job."""
         names = set()
         for template in (self.command, self.on_success, self.on_failure):
             names |= placeholders(template or '')
-        return names - HANDLER_BUILTINS
+        return frozenset(names - HANDLER_BUILTINS)
 
     def describe(self) -> dict:
         return {'topic': self.topic, 'command': self.command,
@@ -246,10 +248,10 @@ def prepare_params(job: Job, query: dict) -> tuple[dict, list]:
     if len({n.upper() for n in params}) != len(params):
         # They would share one JOBZ_PARAM_<NAME> variable.
         raise ParamError('parameter names differ only in case: ' + ', '.join(sorted(params)))
-    missing = sorted(n for n in job.placeholders() if n not in params)
+    missing = sorted(n for n in job.placeholders if n not in params)
     if missing:
         raise ParamError(f"missing value for placeholder {', '.join(repr(n) for n in missing)}")
-    empty = sorted(n for n in job.placeholders() if params[n] == '')
+    empty = sorted(n for n in job.placeholders if params[n] == '')
     if empty:
         # An empty value would remove a shell word from the command.
         raise ParamError(f"parameter {', '.join(repr(n) for n in empty)} is empty "

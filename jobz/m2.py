@@ -5,6 +5,9 @@ from http import HTTPStatus
 import zmq
 
 
+PHRASES = {s.value: s.phrase for s in HTTPStatus}
+
+
 class BadMessage(ValueError):
     """A Mongrel2 message that does not parse."""
 
@@ -69,7 +72,7 @@ class Request:
 def http_response(status: int, body: bytes, content_type: str = 'application/json',
                   head_only: bool = False, extra_headers: dict | None = None) -> bytes:
     """A complete HTTP/1.1 response with a correct byte Content-Length."""
-    reason = HTTPStatus(status).phrase
+    reason = PHRASES.get(status) or HTTPStatus(status).phrase
     lines = [f'HTTP/1.1 {status} {reason}',
              f'Content-Type: {content_type}',
              f'Content-Length: {len(body)}']

@@ -34,10 +34,13 @@ def _no_constant(name):
     raise ValueError(f'{name} is not JSON')
 
 
+_decoder = json.JSONDecoder(parse_constant=_no_constant)    # made once: json.loads builds one per call
+
+
 def unpack(data: bytes) -> dict:
-    """Decode a JSON object; raise ValueError for anything else (NaN, Infinity, too deep)."""
+    """Decode a JSON object; raise ValueError for anything else (NaN, Infinity, bad UTF-8, too deep)."""
     try:
-        obj = json.loads(data, parse_constant=_no_constant)
+        obj = _decoder.decode(data.decode())
     except RecursionError:
         raise ValueError('payload nested too deeply') from None
     if not isinstance(obj, dict):

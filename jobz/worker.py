@@ -94,12 +94,12 @@ class Worker:
                     r.why_killed = 'worker shut down'
                     self._killpg(r, signal.SIGKILL)
                 cold_done = True
-            self.tick(time.monotonic())
             ready_to_run = [] if self.stop_requests else self.start_queued()
             self.agent.commit()    # one fsync for the turn: calls taken, started, finished
-            for call, job, command, env, started in ready_to_run:
-                self.spawn(call, job, command, env, started)
-            self.agent.commit()    # only if a spawn failed and was recorded
+            for call, job, command, env in ready_to_run:
+                self.spawn(call, job, command, env)
+            self.tick(time.monotonic())    # clock work after the spawns, which wait for nothing else
+            self.agent.commit()    # what the clock work or a failed spawn recorded
         self.agent.flush()
 
     def _timeout_ms(self) -> int:
@@ -146,10 +146,9 @@ class Worker:
                 self.agent.finish(str(call['run_id']), {'state': 'failed', 'reason': str(e)})
                 continue
             batch.append((call, job, command, env))
-        if not batch:
-            return []
-        started = self.agent.mark_started([c for c, _, _, _ in batch])
-        return [(call, job, command, env, started) for call, job, command, env in batch]
+        if batch:
+            self.agent.mark_started([c for c, _, _, _ in batch])
+        return batch
 
     def prepare(self, call: dict) -> tuple[Job, str, dict]:
         """Check a call against this worker's own job files; raise ValueError with the reason."""
@@ -175,11 +174,12 @@ class Worker:
         env.update({f'JOBZ_PARAM_{k.upper()}': v for k, v in params.items()})
         return job, command, env
 
-    def spawn(self, call: dict, job: Job, command: str, env: dict, started: float) -> None:
+    def spawn(self, call: dict, job: Job, command: str, env: dict) -> None:
         run_id = str(call['run_id'])
         out_path = os.path.join(self.out_dir, run_id + '.log')
         try:
             out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            started = time.time()    # the command's start, as reported: right before the spawn
             try:
                 # posix_spawn (vfork underneath) costs half of subprocess.Popen's time in this process.
                 # A session of its own, so a timeout can kill the whole process group; SIGPIPE back to
@@ -197,6 +197,7 @@ class Worker:
             return
         deadline = time.monotonic() + job.timeout if job.timeout else None
         self.running[pidfd] = Running(call, pid, out_path, started, deadline)
+        self.agent.started(run_id, started)
         log.debug('run %s: started %s (pid %d)', run_id, job.name, pid)
 
     # -- finishing ---------------------------------------------------------

@@ -543,7 +543,7 @@ def check_http_message(rig: BrokerRig, raw: bytes, seen) -> None:
             assert isinstance(value, str) and SAFE_RE.match(value), f'unsafe value {name}={value!r}'
             rule = job.params.get(name)
             assert rule is None or rule.fullmatch(value), f'{name}={value!r} breaks its rule'
-        for name in job.placeholders():
+        for name in job.placeholders:
             assert params.get(name), f'run of {job.name} without a value for {name!r}'
         if reply['status'] == 200 and method != 'HEAD':
             assert json.loads(reply['body'])['run_id'] == run_id

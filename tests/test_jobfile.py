@@ -62,9 +62,9 @@ def test_several_jobs_in_one_file(tmp_path):
     assert imp.on_failure.startswith('http://alerts.example/')
     assert imp.semaphore is None
     # Built-ins (job_name, rc, ...) are not values a trigger must supply.
-    assert imp.placeholders() == {'date'}
+    assert imp.placeholders == {'date'}
     assert jobs['build_index'].timeout is None
-    assert jobs['build_index'].placeholders() == {'date'}
+    assert jobs['build_index'].placeholders == {'date'}
 
 
 def test_topic_defaults_to_job_name(tmp_path):
@@ -151,7 +151,7 @@ def test_bad_placeholder_in_handler_url(tmp_path):
 def test_percent_escape_is_accepted(tmp_path):
     path = write(tmp_path, 'jobs.yaml', 'stamp:\n  command: "date +%%H:%%M; echo %%(not_a_placeholder)s"\n')
     stamp = load_jobs(str(path))['stamp']
-    assert stamp.placeholders() == set()
+    assert stamp.placeholders == set()
     assert render_command(stamp.command, {}) == 'date +%H:%M; echo %(not_a_placeholder)s'
 
 
