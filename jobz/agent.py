@@ -9,16 +9,17 @@ turn, which makes everything durable with one fsync and only then sends the
 messages that depended on it (STARTED, RESULT). Under load a turn carries many
 calls, so the cost of durability is shared instead of paid per call.
 """
+import http.client
 import json
 import logging
 import os
 import queue
 import random
 import sqlite3
+import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import zmq
 
@@ -52,14 +53,42 @@ HTTP_GIVE_UP = 86400.0  # a handler URL that keeps failing is dropped (with an e
 KEEP_DONE = 7 * 86400.0 # how long the ids of done calls are kept to recognise a replay
 
 
+_pool = threading.local()    # per handler thread: (scheme, host:port) -> a keep-alive connection
+
+
 def fetch(url: str, timeout: float = 30.0, context=None) -> int:
-    """GET a URL; return its HTTP status (error statuses included), raise OSError if unreachable."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
+    """GET a URL; return its HTTP status (error statuses included), raise OSError if unreachable.
+
+    Each thread keeps one connection per front end open: a chain's next step costs a request,
+    not a TCP (or TLS) handshake. A kept connection the server has closed meanwhile is replaced
+    once; the call's idempotency key makes that retry harmless."""
+    parts = urlsplit(url)
+    if parts.scheme not in ('http', 'https') or not parts.hostname:
+        raise ValueError(f'not an http(s) URL: {url[:200]!r}')
+    conns = _pool.__dict__.setdefault('conns', {})
+    key = (parts.scheme, parts.netloc)
+    target = (parts.path or '/') + (f'?{parts.query}' if parts.query else '')
+    while True:
+        conn = conns.pop(key, None)
+        fresh = conn is None
+        if fresh:
+            conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
+                    if parts.scheme == 'https' else
+                    http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout))
+        try:
+            conn.request('GET', target)
+            resp = conn.getresponse()
             resp.read()
-            return resp.status
-    except urllib.error.HTTPError as e:
-        return e.code
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            if fresh:
+                raise OSError(f'{type(e).__name__}: {e}') from e
+            continue    # the kept connection had gone stale: once more on a new one
+        if resp.will_close:
+            conn.close()
+        else:
+            conns[key] = conn
+        return resp.status
 
 
 class Agent:
