@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-faults bench-peers wheel deps deps-apt clean
+.PHONY: run test bench bench-faults wheel deps deps-apt clean
 
 run: deps
 	$(PY) -m jobz.stack
@@ -12,17 +12,20 @@ run: deps
 test: deps
 	$(PY) -m pytest -q tests
 
+# jobz side by side with Celery+Redis, RQ and the raw spawn limit, the front end under wrk,
+# growth and the latency floor; writes bench/RESULTS.md (about 10 minutes).
 bench: deps
-	$(PY) bench/dispatch.py
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	$(PY) bench/run.py --write
 
 bench-faults: deps
 	$(PY) bench/faults.py
-
-# Celery with Redis, RQ and the raw spawn limit, on the same work (needs redis-server).
-bench-peers: deps
-	@command -v redis-server >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server)
-	$(VENV)/bin/pip install -q -e '.[bench]'
-	$(PY) bench/peers.py
 
 # The wheel the Ansible roles install (pyzmq and PyYAML come from Debian on the hosts).
 wheel: deps

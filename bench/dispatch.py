@@ -151,7 +151,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument('--n', type=int, default=2000, help='jobs for throughput (default: 2000)')
     ap.add_argument('--rate', type=float, default=50.0, help='paced triggers per second (default: 50)')
     ap.add_argument('--latency-n', type=int, default=300, help='paced triggers (default: 300)')
-    ap.add_argument('--concurrency', type=int, default=2, help='commands at once per worker (default: 2)')
+    ap.add_argument('--concurrency', type=int, default=4,
+                    help='commands at once per worker (default: 4; a worker on its own defaults to the CPU count)')
 
 
 def main(argv=None) -> int:

@@ -115,7 +115,7 @@ def memory(stack: Stack, names) -> dict[str, float]:
 
 def level(stack: Stack, journal: str, target: int, args) -> dict:
     """Fill to `target` runs, then paced latency, then (settled) memory at that level."""
-    fill_rates = fill_to(stack, journal, target, args.connections)
+    fill_rates = fill_to(stack, journal, target, args.fill_connections)
     runs = count_runs(journal)
     sent, _ = stacks.send_paced(stack, [PACED[i % 2] for i in range(args.paced)], args.paced_rate)
     results = wait_final(journal, sent, stack.procs.values(), 60.0)
@@ -228,7 +228,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument('--base', type=int, default=1000, help='runs in the journal at the small level (default: 1000)')
     ap.add_argument('--paced', type=int, default=200, help='paced triggers per level (default: 200)')
     ap.add_argument('--paced-rate', type=float, default=50.0, help='paced triggers per second (default: 50)')
-    ap.add_argument('--connections', type=int, default=32, help='wrk connections for the fill (default: 32)')
+    ap.add_argument('--fill-connections', type=int, default=32, help='wrk connections for the fill (default: 32)')
     ap.add_argument('--catchup', type=int, default=10_000, help='calls the away worker misses (default: 10000)')
 
 
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
             print(f'kept {tmp}', file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f'Journal {args.base:,} → {args.runs:,} runs (fill by wrk -c {args.connections}), '
+    print(f'Journal {args.base:,} → {args.runs:,} runs (fill by wrk -c {args.fill_connections}), '
           f'{args.paced} paced triggers at {args.paced_rate:g}/s per level; catch-up of {args.catchup:,} '
           f'calls; {len(rounds)} round(s), workers --concurrency 2\n')
     print(common.table(rounds))

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""make bench: jobz and the job runners people pick instead, on the same work, in one run.
+
+Each round runs, one after the other on this machine: jobz (bench/dispatch.py: throughput,
+no-op throughput, paced latency, fan-in, broadcast), the peers (bench/peers.py: Celery with
+Redis, RQ with its forking Worker and with SimpleWorker, the raw spawn limit) and the front end
+(bench/front.py: wrk against a bare Mongrel2 handler and against the broker). Then, once: the
+cost of growth (bench/growth.py: memory and latency from 1,000 to 100,000 journaled runs,
+catch-up of 10,000 missed calls) and the latency floor (bench/floor.py).
+
+Prints markdown tables (medians over the rounds, min – max) side by side, each ratio to jobz
+and the issue's targets, met or not; --write also saves the report to bench/RESULTS.md.
+Usage: .venv/bin/python bench/run.py [--repeat 3] [--write]
+"""
+import argparse
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+
+import zmq
+
+import common
+import dispatch
+import floor
+import front
+import growth
+import peers
+
+SYSTEMS = ('jobz', 'Celery+Redis', 'RQ Worker (fork)', 'RQ SimpleWorker', 'raw')
+CELERY, RQ_FORK, RQ_SIMPLE = 'Celery+Redis prefork', 'RQ Worker (fork per job)', 'RQ SimpleWorker'
+RAW = 'raw subprocess `true`, 2 procs (jobs/s)'
+# One row per measure: the jobz metric, then the same measure of each peer (None: not measured).
+ROWS = [
+    ('throughput, shell `true` (jobs/s)', 'throughput `true` (jobs/s)',
+     (f'{CELERY} throughput (jobs/s)', f'{RQ_FORK} throughput (jobs/s)', f'{RQ_SIMPLE} throughput (jobs/s)', RAW)),
+    ('throughput, no-op (jobs/s)', 'throughput no-op (jobs/s)',
+     (f'{CELERY} no-op throughput (jobs/s)', f'{RQ_FORK} no-op throughput (jobs/s)',
+      f'{RQ_SIMPLE} no-op throughput (jobs/s)', None)),
+    ('trigger → command start p50 at 50/s (ms)', 'trigger → command start p50 (ms)',
+     tuple(f'{s} submit → command start p50 (ms)' for s in (CELERY, RQ_FORK, RQ_SIMPLE)) + (None,)),
+    ('trigger → command start p99 at 50/s (ms)', 'trigger → command start p99 (ms)',
+     tuple(f'{s} submit → command start p99 (ms)' for s in (CELERY, RQ_FORK, RQ_SIMPLE)) + (None,)),
+    ('fan-in of 100: submit → follow-up done (ms)', 'fan-in of 100: submit → follow-up done (ms)',
+     ('Celery chord of 100: submit → callback done (ms)', None, None, None)),
+    ('fan-in: last job done → follow-up start (ms)', 'fan-in: last job done → follow-up start (ms)',
+     ('Celery chord: last task done → callback start (ms)', None, None, None)),
+    ('broadcast to 20 workers: trigger → all started (ms)', 'broadcast to 20: trigger → all started (ms)',
+     ('Celery broadcast to 20 workers: submit → all started (ms)', None, None, None)),
+]
+
+
+def cell(summary: dict, metric: str | None) -> str:
+    if metric is None or metric not in summary:
+        return '–'
+    med, low, high = summary[metric]
+    return f'{common.fmt(med)} ({common.fmt(low)} – {common.fmt(high)})'
+
+
+def side_by_side(jobz: dict, peer: dict) -> str:
+    lines = ['| measure | ' + ' | '.join(SYSTEMS) + ' | jobz ÷ Celery |',
+             '|---|' + '---:|' * (len(SYSTEMS) + 1)]
+    for label, ours, theirs in ROWS:
+        ratio = (f'{jobz[ours][0] / peer[theirs[0]][0]:.2f}' if ours in jobz and theirs[0] in peer else '–')
+        lines.append(f'| {label} | {cell(jobz, ours)} | ' + ' | '.join(cell(peer, m) for m in theirs)
+                     + f' | {ratio} |')
+    lines.append(f'| raw `/bin/sh -c true`, 2 procs (jobs/s) | – | – | – | – | '
+                 f'{cell(peer, "raw subprocess `/bin/sh -c true`, 2 procs (jobs/s)")} | – |')
+    return '\n'.join(lines)
+
+
+def targets(jobz: dict, peer: dict, fronts: dict, grown: dict, args) -> list[str]:
+    """The issue's targets, judged on the medians of this run."""
+    def med(summary, metric):
+        return summary[metric][0]
+    thr = med(jobz, 'throughput `true` (jobs/s)')
+    # (target, value in this run, unit, met?)
+    checks = [
+        ('throughput ≥ 2 × Celery', thr / med(peer, f'{CELERY} throughput (jobs/s)'), '×', lambda v: v >= 2.0),
+        ('throughput ≥ 60 % of the raw spawn limit', thr / med(peer, RAW), '×', lambda v: v >= 0.6),
+        ('trigger → start p50 ≤ 1.5 ms at 50/s', med(jobz, 'trigger → command start p50 (ms)'), 'ms',
+         lambda v: v <= 1.5),
+        ('trigger → start p99 ≤ 5 ms at 50/s', med(jobz, 'trigger → command start p99 (ms)'), 'ms',
+         lambda v: v <= 5.0),
+        ('fan-in of 100 ≤ ½ of the Celery chord',
+         med(jobz, 'fan-in of 100: submit → follow-up done (ms)')
+         / med(peer, 'Celery chord of 100: submit → callback done (ms)'), '×', lambda v: v <= 0.5),
+        ('HTTP triggers accepted ≥ 25 % of the bare handler', med(fronts, 'ratio jobz /job_start / bare'), '×',
+         lambda v: v >= 0.25),
+    ]
+    lo, hi = growth.short(args.base), growth.short(args.runs)
+    for name in ('broker', 'w1', 'w2'):
+        checks.append((f'{name} memory flat within 10 % from {lo} to {hi} runs',
+                       grown[f'{name} RSS growth {lo} → {hi} (%)'], '%', lambda v: abs(v) <= 10))
+    checks.append((f'catch-up of {args.catchup:,} calls < 3 s', grown[f'catch-up of {args.catchup:,} calls (s)'],
+                   's', lambda v: v < 3))
+    return ['| target | this run | |', '|---|---:|---|'] + [
+        f'| {what} | {value:.2f} {unit} | {"met" if met(value) else "**missed**"} |'
+        for what, value, unit, met in checks]
+
+
+def versions() -> str:
+    m2 = subprocess.run(['dpkg-query', '-W', '-f', '${Version}', 'mongrel2-core'], capture_output=True, text=True)
+    return (f'jobz at {git_head()}; Mongrel2 {m2.stdout or "?"}; SQLite {sqlite3.sqlite_version}; '
+            f'pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()}). {peers.versions()}')
+
+
+def git_head() -> str:
+    got = subprocess.run(['git', '-C', common.ROOT, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True)
+    return got.stdout.strip() or 'an unknown commit'
+
+
+def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, elapsed) -> str:
+    jobz, peer, fronts = (common.summarize(r) for r in (jobz_rounds, peer_rounds, front_rounds))
+    return '\n'.join([
+        '# jobz benchmark results', '',
+        f'`make bench` (bench/run.py --repeat {args.repeat}) on {time.strftime("%Y-%m-%d")}, '
+        f'{elapsed / 60:.0f} min. Medians of {args.repeat} rounds, (min – max).', '',
+        f'Machine: {common.machine()}.', '', versions(), '',
+        f'Work: every job runs the shell command `true`; 2 worker processes (jobz: 2 workers with '
+        f'--concurrency {args.concurrency}; Celery: `-c 2` prefork; RQ: 2 workers), loopback. '
+        f'Throughput: {args.n:,} jobs, first trigger to last completion, each checked to have run once. '
+        f'Latency: {args.latency_n} triggers paced at {args.rate:g}/s. jobz is triggered over HTTP through '
+        f'Mongrel2 and journals durably (SQLite WAL, synchronous=FULL) on the broker and on each worker; '
+        f'Redis runs without persistence.', '',
+        '## Side by side', '', side_by_side(jobz, peer), '',
+        '## Front end: HTTP requests per second through Mongrel2 (wrk)', '',
+        f'wrk -t 2 -c {args.connections} -d {args.duration}s on loopback.', '', common.table(front_rounds), '',
+        '## Cost of growth (one run)', '', common.table([grown]), '',
+        '## Latency floor: the parts of the path, alone (one run)', '',
+        'floor = bare round trip / 2 + commit + ZeroMQ hop + commit: a trigger crosses Mongrel2 into the '
+        'broker, which commits before it publishes; the worker commits "started" before it spawns.', '',
+        common.table([floors]), '',
+        '## Targets', '', *targets(jobz, peer, fronts, grown, args), ''])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--repeat', type=int, default=3, help='rounds of jobz, peers and front end (default: 3)')
+    ap.add_argument('--write', action='store_true', help='also write the report to bench/RESULTS.md')
+    dispatch.add_arguments(ap)
+    front.add_arguments(ap)
+    growth.add_arguments(ap)
+    floor.add_arguments(ap)
+    args = ap.parse_args(argv)
+    args.broadcast_workers, args.broadcasts = dispatch.BROADCAST, dispatch.BROADCAST_TRIES    # for peers
+    for tool in ('mongrel2', 'redis-server', 'wrk'):
+        if shutil.which(tool) is None:
+            sys.exit(f'error: {tool} is not installed (make bench installs it)')
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # unwind (and stop everything) as on Ctrl-C
+    began = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix='jobz-bench-')
+    jobz_rounds, peer_rounds, front_rounds = [], [], []
+    try:
+        with peers.redis_running(tmp):
+            for k in range(args.repeat):
+                for name, rounds, measure in (
+                        ('jobz', jobz_rounds, lambda: dispatch.measure(tmp, args)),
+                        ('peers', peer_rounds, lambda: peers.one_round(tmp, k, args)),
+                        ('front end', front_rounds, lambda: front.measure(tempfile.mkdtemp(dir=tmp), args))):
+                    print(f'round {k + 1}/{args.repeat}: {name}…', file=sys.stderr, flush=True)
+                    rounds.append(measure())
+        print('growth and catch-up…', file=sys.stderr, flush=True)
+        grown = growth.measure_growth(tmp, args) | growth.measure_catchup(tmp, args)
+        print('latency floor…', file=sys.stderr, flush=True)
+        floors = floor.measure(tmp, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, time.monotonic() - began)
+    print(text)
+    if args.write:
+        with open(os.path.join(common.BENCH, 'RESULTS.md'), 'w') as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
