@@ -1,0 +1,141 @@
+"""The worker-side link to the broker: handler calls, acknowledgements, STARTED, split semaphores."""
+import http.server
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import ROOT, free_port, wait_for
+from jobz.agent import fetch
+
+
+class CountingServer(http.server.ThreadingHTTPServer):
+    """A real HTTP/1.1 server on loopback that remembers each connection it accepted."""
+    daemon_threads = True
+
+    def __init__(self):
+        self.connections = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'    # keep-alive unless told otherwise
+
+            def setup(handler):
+                super().setup()
+                self.connections.append(handler.connection)
+
+            def do_GET(handler):
+                body = b'{}'
+                handler.send_response(404 if handler.path.startswith('/missing') else 200)
+                handler.send_header('Content-Length', str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args):
+                pass
+        super().__init__(('127.0.0.1', 0), Handler)
+
+
+@pytest.fixture
+def server():
+    srv = CountingServer()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def call_in_thread(fn):
+    """Run fn in a new thread (so it starts with no kept connections) and return its result."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join(30)
+    return out[0]
+
+
+def test_handler_calls_from_one_thread_share_a_connection(server):
+    base = f'http://127.0.0.1:{server.server_address[1]}'
+    statuses = call_in_thread(lambda: [fetch(f'{base}/job_start?n={i}') for i in range(5)] + [fetch(f'{base}/missing')])
+    assert statuses == [200] * 5 + [404]
+    assert len(server.connections) == 1
+
+
+def test_a_connection_the_server_closed_is_replaced(server):
+    base = f'http://127.0.0.1:{server.server_address[1]}'
+
+    def calls():
+        first = fetch(f'{base}/a')
+        wait_for(lambda: server.connections, what='the connection')
+        server.connections[0].shutdown(2)    # the server drops the idle keep-alive connection
+        return first, fetch(f'{base}/b')
+    assert call_in_thread(calls) == (200, 200)
+    assert len(server.connections) == 2
+
+
+def test_unreachable_front_end_is_an_os_error():
+    with pytest.raises(OSError):
+        fetch(f'http://127.0.0.1:{free_port()}/x')    # nothing listens there
+
+
+JOBS = '''
+quick:
+  command: "true"
+slow:
+  command: "sleep 1.5"
+gate_a:
+  semaphore: {count: 2, key: day}
+gate_b:
+  semaphore: {count: 2, key: day}
+'''
+
+
+def test_results_are_acknowledged_and_leave_the_outbox(make_stack):
+    stack = make_stack(JOBS, workers=[('w1', ['--topics', 'quick'])], semaphore=False)
+    runs = [stack.start_job('job_name=quick')['run_id'] for _ in range(30)]
+    for run_id in runs:
+        assert stack.wait_run(run_id)['state'] == 'succeeded'
+    db = sqlite3.connect(f"file:{os.path.join(stack.home, 'worker-w1.db')}?mode=ro", uri=True)
+    try:
+        # ACKs come in batches ({"run_ids": [...]}); each acknowledged result leaves the outbox.
+        wait_for(lambda: db.execute('SELECT count(*) FROM outbox').fetchone()[0] == 0, 10, 'an empty outbox')
+    finally:
+        db.close()
+
+
+def test_a_long_job_is_shown_running_while_it_runs(make_stack):
+    stack = make_stack(JOBS, workers=[('w1', ['--topics', 'slow'])], semaphore=False)
+    run_id = stack.start_job('job_name=slow')['run_id']
+    running = stack.wait_run(run_id, states=('running',), timeout=1.2)
+    assert running['workers']['w1']['started'] is not None
+    assert stack.wait_run(run_id)['state'] == 'succeeded'
+
+
+def test_semaphores_can_share_the_gates_out_by_topic(make_stack):
+    stack = make_stack(JOBS, workers=[], semaphore=False, start=False)
+    os.makedirs(stack.home)
+    stack.start_broker()
+    stack.start_semaphore('sa', '--topics', 'gate_a')
+    stack.start_semaphore('sb', '--topics', 'gate_b')
+    stack.start_mongrel2()
+    stack.wait_healthy(30, workers=2)
+    a = [stack.start_job(f'job_name=gate_a&day=d1&key=a{i}')['run_id'] for i in range(2)]
+    b = [stack.start_job(f'job_name=gate_b&day=d1&key=b{i}')['run_id'] for i in range(2)]
+    for run_id in a:
+        assert list(stack.wait_run(run_id)['workers']) == ['sa']
+    for run_id in b:
+        assert list(stack.wait_run(run_id)['workers']) == ['sb']
+    assert stack.status(a[1])['workers']['sa']['output_tail'].endswith('released')
+
+
+def test_semaphore_refuses_a_topic_no_semaphore_job_has(tmp_path):
+    jobs = tmp_path / 'jobs.yaml'
+    jobs.write_text(JOBS)
+    got = subprocess.run([sys.executable, os.path.join(ROOT, 'semaphore.py'), '--jobs', str(jobs),
+                          '--home', str(tmp_path), '--topics', 'gate_a,quick'],
+                         capture_output=True, text=True, timeout=30)
+    assert got.returncode != 0
+    assert "no semaphore job has topic quick" in got.stderr
