@@ -3,11 +3,13 @@ import contextlib
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -132,3 +134,28 @@ def log_problems(folder: str, words=('WARNING', 'ERROR', 'Traceback'), noise=())
                 found += [f'{name}: {line.rstrip()}' for line in f
                           if any(w in line for w in words) and not any(n in line for n in noise)]
     return found
+
+
+def run_rounds(prefix: str, repeat: int, measure, noise=()) -> tuple[list[dict], list[str]]:
+    """measure(tmp, k) for k in range(repeat), in a temp folder removed afterwards.
+
+    Returns (the rounds' metrics, warning/error lines of the logs left in the folder)."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        rounds = []
+        for k in range(repeat):
+            rounds.append(measure(tmp, k))
+            print(f'round {k + 1}/{repeat}: ' + ', '.join(f'{v:.1f}' for v in rounds[-1].values()),
+                  file=sys.stderr, flush=True)
+        return rounds, log_problems(tmp, noise=noise)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_report(header: str, rounds: list[dict], problems=(), footer=()) -> None:
+    """The header line, the table, the machine, footer lines, then any problems from the logs."""
+    print(header + '\n\n' + table(rounds) + '\n\n' + machine())
+    for line in footer:
+        print(line)
+    if problems:
+        print(f'\n{len(problems)} warning/error line(s) in the logs, first ones:\n' + '\n'.join(problems[:10]))

@@ -162,21 +162,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if shutil.which('mongrel2') is None:
         sys.exit('error: mongrel2 is not installed (apt-get install mongrel2-core)')
-    tmp = tempfile.mkdtemp(prefix='jobz-dispatch-')
-    try:
-        rounds = []
-        for k in range(args.repeat):
-            rounds.append(measure(tmp, args))
-            print(f'round {k + 1}/{args.repeat}: ' + ', '.join(f'{v:.1f}' for v in rounds[-1].values()),
-                  file=sys.stderr, flush=True)
-        problems = common.log_problems(tmp, noise=stacks.M2_NOISE)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f'jobz: {args.repeat} round(s), workers w1, w2 with --concurrency {args.concurrency}, '
-          f'plain HTTP on loopback\n')
-    print(common.table(rounds) + '\n\n' + common.machine())
-    if problems:
-        print(f'\n{len(problems)} warning/error line(s) in the logs, first ones:\n' + '\n'.join(problems[:10]))
+    rounds, problems = common.run_rounds('jobz-dispatch-', args.repeat, lambda tmp, k: measure(tmp, args),
+                                         stacks.M2_NOISE)
+    common.print_report(f'jobz: {args.repeat} round(s), workers w1, w2 with --concurrency {args.concurrency}, '
+                        f'plain HTTP on loopback', rounds, problems)
     return 0
 
 

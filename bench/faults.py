@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -38,7 +37,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import free_ports  # noqa: E402  (common puts the project root on sys.path)
 from jobz.stack import Stack  # noqa: E402
 
 JOB = ('  command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt; sleep %(pause)s"\n'
@@ -50,15 +49,6 @@ FINAL = ('succeeded', 'failed', 'interrupted', 'expired')
 GOOD = {('succeeded', 1): 'ran once', ('interrupted', 0): 'interrupted',
         ('interrupted', 1): 'interrupted', ('expired', 0): 'expired'}
 BAD = ('lost', 'ran twice', 'mismatched')
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (all bound at once, then released)."""
-    socks = [socket.create_server(('127.0.0.1', 0)) for _ in range(n)]
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def get_json(url: str, timeout: float) -> tuple[int | str, dict | None]:

@@ -166,25 +166,11 @@ def main(argv=None) -> int:
     ap.add_argument('--repeat', type=int, default=3, help='rounds (default: 3)')
     add_arguments(ap)
     args = ap.parse_args(argv)
-    tmp = tempfile.mkdtemp(prefix='jobz-bench-front-')
-    rounds = []
-    try:
-        for k in range(args.repeat):
-            folder = os.path.join(tmp, f'round{k}')
-            os.makedirs(folder)
-            rounds.append(measure(folder, args))
-            print(f'round {k + 1}/{args.repeat}: ' + ', '.join(f'{v:.1f}' for v in rounds[-1].values()),
-                  file=sys.stderr, flush=True)
-        problems = common.log_problems(tmp, noise=stacks.M2_NOISE)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f'wrk -t {WRK_THREADS} -c {args.connections} -d {args.duration:g}s (keep-alive), '
-          f'{len(rounds)} round(s), loopback\n')
-    print(common.table(rounds))
-    print('\n' + common.machine())
-    if problems:
-        print(f'\n{len(problems)} warning/error line(s) in the logs, first ones:')
-        print('\n'.join(problems[:10]))
+    rounds, problems = common.run_rounds('jobz-bench-front-', args.repeat,
+                                         lambda tmp, k: measure(tempfile.mkdtemp(dir=tmp), args),
+                                         stacks.M2_NOISE)
+    common.print_report(f'wrk -t {WRK_THREADS} -c {args.connections} -d {args.duration:g}s (keep-alive), '
+                        f'{len(rounds)} round(s), loopback', rounds, problems)
     return 0
 
 

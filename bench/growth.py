@@ -92,7 +92,7 @@ def fill_to(stack: Stack, journal: str, target: int, connections: int) -> list[f
         rate = rates[-1] if rates else None
         if left <= max(TOP_UP, 1.5 * (rate or PROBE_MIN)):
             if left > 0:
-                stacks.send_many(stack, 'job_name=fill', left, connections)
+                stacks.send_many(stack, ['job_name=fill'] * left, connections)
             return rates
         seconds = 1 if rate is None else int(min(30.0, max(1.0, 0.9 * (left - TOP_UP / 2) / rate)))
         began = time.monotonic()
@@ -201,7 +201,7 @@ def measure_catchup(tmp: str, args) -> dict[str, float]:
         cursor0, calls0 = worker_progress(db_path, 'c')
 
         began = time.monotonic()
-        sent = stacks.send_many(stack, 'job_name=bench_c', n)
+        sent = stacks.send_many(stack, ['job_name=bench_c'] * n)
         accept = n / (time.monotonic() - began)
         with open_ro(journal) as db:
             journaled = db.execute("SELECT count(*) FROM runs WHERE topic = 'c'").fetchone()[0]

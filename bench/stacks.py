@@ -73,20 +73,28 @@ def trigger(conn: http.client.HTTPConnection, query: str) -> tuple[str, float]:
     return json.loads(body)['run_id'], sent
 
 
-def send_many(stack: Stack, query: str, n: int, connections: int = 4) -> dict[str, float]:
-    """Exactly n triggers, as fast as `connections` keep-alive connections (threads) go."""
-    local, conns, lock = threading.local(), [], threading.Lock()
+def plain(stack: Stack):
+    """How the clients connect by default: plain HTTP to the stack's front end."""
+    return lambda: http.client.HTTPConnection('127.0.0.1', stack.port, timeout=60)
 
-    def one(_: int) -> tuple[str, float]:
+
+def send_many(stack: Stack, queries: list[str], connections: int = 4, connect=None) -> dict[str, float]:
+    """Every trigger in queries, as fast as `connections` keep-alive connections (threads) go.
+
+    connect() makes a connection (default: plain HTTP); returns run_id -> send time."""
+    local, conns, lock = threading.local(), [], threading.Lock()
+    connect = connect or plain(stack)
+
+    def one(query: str) -> tuple[str, float]:
         if not hasattr(local, 'conn'):
-            local.conn = http.client.HTTPConnection('127.0.0.1', stack.port, timeout=60)
+            local.conn = connect()
             with lock:
                 conns.append(local.conn)
         return trigger(local.conn, query)
 
     try:
         with ThreadPoolExecutor(connections) as pool:
-            return dict(pool.map(one, range(n)))
+            return dict(pool.map(one, queries))
     finally:
         for conn in conns:
             conn.close()
@@ -146,10 +154,10 @@ def blast(port: int, queries: list[str], connections: int = 32) -> dict[str, flo
     return sent
 
 
-def send_paced(stack: Stack, queries: list[str], rate: float) -> tuple[dict[str, float], list[float]]:
+def send_paced(stack: Stack, queries: list[str], rate: float, connect=None) -> tuple[dict[str, float], list[float]]:
     """The triggers at `rate`/s from one connection: (run_id -> send time, answer times in ms)."""
     sent, answer_ms = {}, []
-    conn = http.client.HTTPConnection('127.0.0.1', stack.port, timeout=60)
+    conn = (connect or plain(stack))()
     begin = time.monotonic()
     try:
         for i, query in enumerate(queries):
