@@ -46,14 +46,13 @@ def main(argv=None) -> int:
     bad = [t for t in topics if not NAME_RE.match(t)]
     if bad or not topics:
         sys.exit(f'error: no usable topics ({", ".join(bad) or "the job files define no command jobs"})')
-    out_dir = os.path.join(args.home, 'output', args.name)
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(args.home, exist_ok=True)
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'worker-{args.name}.db'), sync_interval=args.sync_interval,
                   rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key,
                   tls=client_context(args.tls_cert, args.tls_key, args.tls_ca))
-    worker = Worker(agent, jobs, name=args.name, url=args.url, out_dir=out_dir,
+    worker = Worker(agent, jobs, name=args.name, url=args.url,
                     concurrency=args.concurrency, kill_grace=args.kill_grace, output_tail=args.output_tail)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)

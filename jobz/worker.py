@@ -4,7 +4,7 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .agent import Agent
 from .jobfile import NAME_RE, Job, UNSAFE_RE, link_url, render_command, render_url
@@ -17,11 +17,12 @@ SHELL = '/bin/sh'
 class Running:
     call: dict
     pid: int
-    out_path: str
+    output: int                     # read end of the pipe the command writes stdout and stderr to
     started: float                  # time.time(), shown to people
     deadline: float | None          # monotonic
     kill_at: float | None = None    # monotonic; set once TERM was sent
     why_killed: str | None = None
+    tail: bytearray = field(default_factory=bytearray)    # the last output_tail bytes of output
 
 
 def describe_exit(rc: int) -> tuple[int | None, str | None, str]:
@@ -37,17 +38,19 @@ def describe_exit(rc: int) -> tuple[int | None, str | None, str]:
 
 
 class Worker:
-    def __init__(self, agent: Agent, jobs: dict[str, Job], *, name: str, url: str, out_dir: str,
+    def __init__(self, agent: Agent, jobs: dict[str, Job], *, name: str, url: str,
                  concurrency: int, kill_grace: float = 5.0, output_tail: int = 4096):
         self.agent = agent
         self.jobs = jobs
         self.name = name
         self.url = url
-        self.out_dir = out_dir
         self.concurrency = concurrency
         self.kill_grace = kill_grace
         self.output_tail = output_tail
         self.running: dict[int, Running] = {}     # pidfd -> running job
+        # Output pipe -> its job; None once the job was reported but something it left running
+        # still holds the pipe: read to the end and dropped, so a straggler never gets SIGPIPE.
+        self.pipes: dict[int, Running | None] = {}
         self.environ = dict(os.environ)           # read once: os.environ decodes on every access
         self.queue = deque(agent.queued())
         self.stop_requests = 0
@@ -83,11 +86,15 @@ class Worker:
     def run(self) -> None:
         cold_done = False
         while not (self.stop_requests and not self.running):
-            calls, ready = self.agent.poll(self._timeout_ms(), list(self.running))
+            calls, ready = self.agent.poll(self._timeout_ms(), [*self.running, *self.pipes])
             if not self.stop_requests:
                 self.queue.extend(calls)    # when stopping, they stay queued on disk for next start
             for fd in ready:
-                self.reap(fd)
+                if fd in self.pipes:
+                    self.read_output(fd)
+            for fd in ready:
+                if fd in self.running:
+                    self.reap(fd)
             if self.stop_requests >= 2 and not cold_done:
                 log.warning('second stop request: killing %d running job(s)', len(self.running))
                 for r in self.running.values():
@@ -100,6 +107,8 @@ class Worker:
                 self.spawn(call, job, command, env)
             self.tick(time.monotonic())    # clock work after the spawns, which wait for nothing else
             self.agent.commit()    # what the clock work or a failed spawn recorded
+        for fd in self.pipes:
+            os.close(fd)
         self.agent.flush()
 
     def _timeout_ms(self) -> int:
@@ -176,9 +185,11 @@ class Worker:
 
     def spawn(self, call: dict, job: Job, command: str, env: dict) -> None:
         run_id = str(call['run_id'])
-        out_path = os.path.join(self.out_dir, run_id + '.log')
         try:
-            out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # A pipe, not a file: a command with no output costs no file system work at all (a
+            # file's create and unlink would ride along with every fsync of our database).
+            output, out = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(output, False)    # our end only: the command writes as usual
             started = time.time()    # the command's start, as reported: right before the spawn
             try:
                 # posix_spawn (vfork underneath) costs half of subprocess.Popen's time in this process.
@@ -188,6 +199,9 @@ class Worker:
                                      setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
                                      file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                                    (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)])
+            except OSError:
+                os.close(output)
+                raise
             finally:
                 os.close(out)
             pidfd = os.pidfd_open(pid)
@@ -196,7 +210,7 @@ class Worker:
             self.agent.finish(run_id, {'state': 'failed', 'reason': f'cannot start: {e}'})
             return
         deadline = time.monotonic() + job.timeout if job.timeout else None
-        self.running[pidfd] = Running(call, pid, out_path, started, deadline)
+        self.running[pidfd] = self.pipes[output] = Running(call, pid, output, started, deadline)
         self.agent.started(run_id, started)
         log.debug('run %s: started %s (pid %d)', run_id, job.name, pid)
 
@@ -206,6 +220,10 @@ class Worker:
         _, status = os.waitpid(r.pid, 0)
         rc = os.waitstatus_to_exitcode(status)
         os.close(pidfd)
+        if self.pipes.get(r.output) is r:    # else it reached its end already (and was closed)
+            self.read_output(r.output, drain=True)
+        if self.pipes.get(r.output) is r:
+            self.pipes[r.output] = None    # still held open by something the command left running
         if r.why_killed:
             self._killpg(r, signal.SIGKILL)   # sweep what is left of the group
         finished = time.time()
@@ -214,23 +232,29 @@ class Worker:
             reason = f'{r.why_killed}; {reason}'
         state = 'succeeded' if rc == 0 and not r.why_killed else 'failed'
         result = {'state': state, 'rc': code, 'signal': sig, 'reason': reason,
-                  'started': r.started, 'finished': finished, 'output_tail': self._tail(r.out_path)}
+                  'started': r.started, 'finished': finished,
+                  'output_tail': r.tail.decode('utf-8', 'replace')}
         job = self.jobs[r.call['job']]
         urls = self.handler_urls(job, r.call, state, rc)
         self.agent.finish(str(r.call['run_id']), result, urls)
         log.info('run %s: %s %s (%s, %.3fs)', r.call['run_id'], job.name, state, reason,
                  finished - r.started)
 
-    def _tail(self, path: str) -> str:
-        try:
-            with open(path, 'rb') as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - self.output_tail))
-                data = f.read()
-            os.unlink(path)
-        except OSError:
-            return ''
-        return data.decode('utf-8', 'replace')
+    def read_output(self, fd: int, drain: bool = False) -> None:
+        """Read what a command wrote (all there is, when it has ended); keep the tail, close at the end."""
+        r = self.pipes[fd]
+        for _ in range(64 if drain else 1):    # bounded: a straggler may write without pause
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                del self.pipes[fd]
+                os.close(fd)
+                return
+            if r is not None:
+                r.tail += data
+                del r.tail[:max(0, len(r.tail) - self.output_tail)]
 
     def handler_urls(self, job: Job, call: dict, state: str, rc: int | None) -> list[str]:
         template = job.on_success if state == 'succeeded' else job.on_failure

@@ -86,6 +86,10 @@ quick:
   command: "true"
 slow:
   command: "sleep 1.5"
+chatty:
+  command: "echo out; echo err >&2; head -c 10000 /dev/zero | tr '\\\\0' x; echo; echo last line"
+leaves_one_behind:
+  command: "(sleep 0.5; echo late; echo survived > {out}/straggler.txt) & echo started"
 gate_a:
   semaphore: {count: 2, key: day}
 gate_b:
@@ -139,3 +143,30 @@ def test_semaphore_refuses_a_topic_no_semaphore_job_has(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert got.returncode != 0
     assert "no semaphore job has topic quick" in got.stderr
+
+
+def test_output_tail_keeps_the_last_bytes_of_stdout_and_stderr(make_stack):
+    stack = make_stack(JOBS, workers=[('w1', ['--topics', 'chatty,quick', '--output-tail', '100'])], semaphore=False)
+    result = stack.wait_run(stack.start_job('job_name=chatty')['run_id'])['workers']['w1']
+    assert result['state'] == 'succeeded'
+    assert len(result['output_tail'].encode()) == 100
+    assert result['output_tail'].endswith('x\nlast line\n')
+    short = stack.wait_run(stack.start_job('job_name=quick')['run_id'])['workers']['w1']
+    assert short['output_tail'] == ''
+
+
+def test_stderr_is_in_the_output_too(make_stack):
+    stack = make_stack(JOBS, workers=[('w1', ['--topics', 'chatty', '--output-tail', '20000'])], semaphore=False)
+    tail = stack.wait_run(stack.start_job('job_name=chatty')['run_id'])['workers']['w1']['output_tail']
+    assert tail.startswith('out\nerr\nxxx') and tail.endswith('\nlast line\n')
+    assert len(tail) == len('out\nerr\n') + 10000 + len('\nlast line\n')
+
+
+def test_a_process_the_command_left_running_is_not_waited_for_nor_cut_off(make_stack):
+    stack = make_stack(JOBS, workers=[('w1', ['--topics', 'leaves_one_behind'])], semaphore=False)
+    run = stack.wait_run(stack.start_job('job_name=leaves_one_behind')['run_id'])
+    result = run['workers']['w1']
+    assert result['state'] == 'succeeded' and result['output_tail'] == 'started\n'
+    assert result['finished'] - result['started'] < 0.4    # reported when the command ended
+    # The straggler still writes to the pipe after that; the worker reads and drops it (no SIGPIPE).
+    wait_for(lambda: stack.lines('straggler.txt') == ['survived'], 10, 'the straggler to finish')
