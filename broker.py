@@ -49,7 +49,7 @@ def parse_args(argv=None):
                    'workers must authenticate and all traffic is encrypted')
     ap.option('--enrolled', env='JOBZ_ENROLLED', default=None,
               help='folder of enrolled worker public keys (NAME.key), re-read when it changes')
-    ap.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
+    ap.logging_options()
     args = ap.parse_args(argv)
     check_curve(ap, args.curve_secret, args.enrolled, '--enrolled')
     if bool(args.m2_tls_recv) != bool(args.m2_tls_send):
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args)
     jobs = load_or_exit(args.jobs, log)     # validate everything before binding a socket
     os.makedirs(args.home, exist_ok=True)
     ctx = zmq.Context()

@@ -39,7 +39,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args)
     jobs = load_or_exit(args.jobs, log)
     topics = args.topics.split(',') if args.topics else sorted({j.topic for j in jobs.values() if j.command})
     topics = [t.strip() for t in topics if t.strip()]

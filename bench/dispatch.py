@@ -23,6 +23,7 @@ times a worker recorded for each run, and a check that each run succeeded exactl
 Usage: .venv/bin/python bench/dispatch.py [--n 2000] [--rate 50] [--latency-n 300] [--repeat 3]
 """
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -151,6 +152,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument('--n', type=int, default=2000, help='jobs for throughput (default: 2000)')
     ap.add_argument('--rate', type=float, default=50.0, help='paced triggers per second (default: 50)')
     ap.add_argument('--latency-n', type=int, default=300, help='paced triggers (default: 300)')
+    ap.add_argument('--log-level', default='warning', choices=('info', 'warning'),
+                    help="jobz's log level, as JOBZ_LOG_LEVEL for every process (default: warning, the "
+                         "level the peers run at; jobz's own default, info, writes a line per run)")
     ap.add_argument('--concurrency', type=int, default=4,
                     help='commands at once per worker (default: 4; a worker on its own defaults to the CPU count)')
 
@@ -160,12 +164,13 @@ def main(argv=None) -> int:
     add_arguments(ap)
     ap.add_argument('--repeat', type=int, default=3, help='rounds (default: 3)')
     args = ap.parse_args(argv)
+    os.environ['JOBZ_LOG_LEVEL'] = args.log_level    # read by every jobz process the stacks start
     if shutil.which('mongrel2') is None:
         sys.exit('error: mongrel2 is not installed (apt-get install mongrel2-core)')
     rounds, problems = common.run_rounds('jobz-dispatch-', args.repeat, lambda tmp, k: measure(tmp, args),
                                          stacks.M2_NOISE)
     common.print_report(f'jobz: {args.repeat} round(s), workers w1, w2 with --concurrency {args.concurrency}, '
-                        f'plain HTTP on loopback', rounds, problems)
+                        f'--log-level {args.log_level}, plain HTTP on loopback', rounds, problems)
     return 0
 
 

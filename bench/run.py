@@ -123,6 +123,7 @@ def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, elapsed)
         f'Machine: {common.machine()}.', '', versions(), '',
         f'Work: every job runs the shell command `true`; 2 worker processes (jobz: 2 workers with '
         f'--concurrency {args.concurrency}; Celery: `-c 2` prefork; RQ: 2 workers), loopback. '
+        f'Logging: jobz at --log-level {args.log_level}, Celery and RQ at WARNING (no line per job). '
         f'Throughput: {args.n:,} jobs, first trigger to last completion, each checked to have run once. '
         f'Latency: {args.latency_n} triggers paced at {args.rate:g}/s. jobz is triggered over HTTP through '
         f'Mongrel2 and journals durably (SQLite WAL, synchronous=FULL) on the broker and on each worker; '
@@ -148,6 +149,7 @@ def main(argv=None) -> int:
     floor.add_arguments(ap)
     args = ap.parse_args(argv)
     args.broadcast_workers, args.broadcasts = dispatch.BROADCAST, dispatch.BROADCAST_TRIES    # for peers
+    os.environ['JOBZ_LOG_LEVEL'] = args.log_level    # read by every jobz process the stacks start
     for tool in ('mongrel2', 'redis-server', 'wrk'):
         if shutil.which(tool) is None:
             sys.exit(f'error: {tool} is not installed (make bench installs it)')

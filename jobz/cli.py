@@ -7,11 +7,15 @@ import sys
 from . import defaults
 from .jobfile import NAME_RE, JobFileError, load_jobs
 
+LEVELS = ('debug', 'info', 'warning', 'error')
+
 
 class Parser(argparse.ArgumentParser):
     def option(self, *flags, env: str, default=None, help: str = '', shown=None, **kw):
         """A flag whose default comes from the environment variable `env`, then `default`."""
         value = os.environ.get(env, default)
+        if 'choices' in kw and value not in kw['choices']:    # argparse checks only what is typed
+            self.error(f"{env}={value!r}: choose from {', '.join(map(str, kw['choices']))}")
         shown = shown or ('none' if default is None else default)
         self.add_argument(*flags, default=value, help=f'{help} (default: {shown}; env {env})', **kw)
 
@@ -41,7 +45,12 @@ class Parser(argparse.ArgumentParser):
                     help='own CURVE secret key file (NAME.key_secret); with --broker-key: encrypt and authenticate')
         self.option('--broker-key', env='JOBZ_BROKER_KEY', default=None,
                     help="the broker's CURVE public key file (broker.key), pinned")
-        self.add_argument('-v', '--verbose', action='store_true', help='log debug messages')
+        self.logging_options()
+
+    def logging_options(self):
+        self.option('--log-level', env='JOBZ_LOG_LEVEL', default='info', choices=LEVELS,
+                    help='least important messages logged (info: a line per run; warning: problems only)')
+        self.add_argument('-v', '--verbose', action='store_true', help='log debug messages (--log-level debug)')
 
     def parse_agent_args(self, argv):
         args = self.parse_args(argv)
@@ -65,8 +74,9 @@ def check_curve(parser, secret: str | None, other: str | None, other_flag: str) 
             parser.error(f'{path}: no such file')
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+def setup_logging(args) -> None:
+    level = 'debug' if args.verbose else args.log_level
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format='%(asctime)s %(name)s %(levelname)s %(message)s')
 
 

@@ -170,3 +170,23 @@ def test_a_process_the_command_left_running_is_not_waited_for_nor_cut_off(make_s
     assert result['finished'] - result['started'] < 0.4    # reported when the command ended
     # The straggler still writes to the pipe after that; the worker reads and drops it (no SIGPIPE).
     wait_for(lambda: stack.lines('straggler.txt') == ['survived'], 10, 'the straggler to finish')
+
+
+def test_log_level_warning_leaves_out_the_line_per_run(make_stack):
+    stack = make_stack(JOBS, workers=[('w1', ['--topics', 'quick', '--log-level', 'warning']),
+                                      ('w2', ['--topics', 'quick'])], semaphore=False)
+    run_id = stack.start_job('job_name=quick')['run_id']
+    assert stack.wait_run(run_id)['state'] == 'succeeded'
+
+    def logged(name: str) -> bool:
+        with open(os.path.join(stack.log_dir, f'{name}.log')) as f:
+            return f'run {run_id}: quick succeeded' in f.read()
+    wait_for(lambda: logged('w2'), 5, "w2's line for the run")
+    assert not logged('w1')
+
+
+def test_a_bad_log_level_in_the_environment_is_refused(tmp_path):
+    got = subprocess.run([sys.executable, os.path.join(ROOT, 'worker.py'), '--help'], capture_output=True,
+                         text=True, timeout=30, env=dict(os.environ, JOBZ_LOG_LEVEL='loud'))
+    assert got.returncode == 2
+    assert "JOBZ_LOG_LEVEL='loud': choose from debug, info, warning, error" in got.stderr
