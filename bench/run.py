@@ -30,6 +30,7 @@ import floor
 import front
 import growth
 import peers
+import stacks
 
 SYSTEMS = ('jobz', 'Celery+Redis', 'RQ Worker (fork)', 'RQ SimpleWorker', 'raw')
 CELERY, RQ_FORK, RQ_SIMPLE = 'Celery+Redis prefork', 'RQ Worker (fork per job)', 'RQ SimpleWorker'
@@ -62,14 +63,21 @@ def cell(summary: dict, metric: str | None) -> str:
 
 
 def side_by_side(jobz: dict, peer: dict) -> str:
-    lines = ['| measure | ' + ' | '.join(SYSTEMS) + ' | jobz ÷ Celery |',
-             '|---|' + '---:|' * (len(SYSTEMS) + 1)]
+    lines = ['| measure | ' + ' | '.join(SYSTEMS) + ' |', '|---|' + '---:|' * len(SYSTEMS)]
     for label, ours, theirs in ROWS:
-        ratio = (f'{jobz[ours][0] / peer[theirs[0]][0]:.2f}' if ours in jobz and theirs[0] in peer else '–')
-        lines.append(f'| {label} | {cell(jobz, ours)} | ' + ' | '.join(cell(peer, m) for m in theirs)
-                     + f' | {ratio} |')
+        lines.append(f'| {label} | {cell(jobz, ours)} | ' + ' | '.join(cell(peer, m) for m in theirs) + ' |')
     lines.append(f'| raw `/bin/sh -c true`, 2 procs (jobs/s) | – | – | – | – | '
-                 f'{cell(peer, "raw subprocess `/bin/sh -c true`, 2 procs (jobs/s)")} | – |')
+                 f'{cell(peer, "raw subprocess `/bin/sh -c true`, 2 procs (jobs/s)")} |')
+    return '\n'.join(lines)
+
+
+def ratios(jobz: dict, peer: dict) -> str:
+    """jobz's median divided by each peer's (above 1: jobz higher; for times, lower is better)."""
+    lines = ['| measure | ' + ' | '.join(f'jobz ÷ {s}' for s in SYSTEMS[1:]) + ' |',
+             '|---|' + '---:|' * (len(SYSTEMS) - 1)]
+    for label, ours, theirs in ROWS:
+        lines.append(f'| {label} | ' + ' | '.join(
+            f'{jobz[ours][0] / peer[m][0]:.2f}' if m in peer and ours in jobz else '–' for m in theirs) + ' |')
     return '\n'.join(lines)
 
 
@@ -129,6 +137,8 @@ def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, elapsed)
         f'Mongrel2 and journals durably (SQLite WAL, synchronous=FULL) on the broker and on each worker; '
         f'Redis runs without persistence.', '',
         '## Side by side', '', side_by_side(jobz, peer), '',
+        'Each ratio, jobz ÷ the other (throughput: higher is better for jobz; times: lower is):', '',
+        ratios(jobz, peer), '',
         '## Front end: HTTP requests per second through Mongrel2 (wrk)', '',
         f'wrk -t 2 -c {args.connections} -d {args.duration}s on loopback.', '', common.table(front_rounds), '',
         '## Cost of growth (one run)', '', common.table([grown]), '',
@@ -170,9 +180,13 @@ def main(argv=None) -> int:
         grown = growth.measure_growth(tmp, args) | growth.measure_catchup(tmp, args)
         print('latency floor…', file=sys.stderr, flush=True)
         floors = floor.measure(tmp, args)
+        problems = common.log_problems(tmp, peers.PROBLEMS, stacks.M2_NOISE + peers.NOISE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, time.monotonic() - began)
+    if problems:    # a run with errors in its logs is worth a look before anyone quotes it
+        text += (f'\n## Warnings in the logs\n\n{len(problems)} line(s), the first ones:\n\n'
+                 + '\n'.join(f'    {line}' for line in problems[:10]) + '\n')
     print(text)
     if args.write:
         with open(os.path.join(common.BENCH, 'RESULTS.md'), 'w') as f:

@@ -1,0 +1,19 @@
+"""The jobz benchmark still runs against the real stack (no speeds asserted: those are for bench/)."""
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_dispatch_benchmark_runs_and_reports_every_measure():
+    got = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'dispatch.py'), '--n', '60',
+                          '--latency-n', '10', '--rate', '100', '--repeat', '1'],
+                         capture_output=True, text=True, timeout=110)
+    assert got.returncode == 0, got.stderr[-3000:]
+    rows = dict(re.findall(r'^\| (.+?) \| ([\d,.]+) \|', got.stdout, re.M))
+    for measure in ('throughput `true` (jobs/s)', 'throughput no-op (jobs/s)', 'trigger → command start p50 (ms)',
+                    'fan-in of 100: submit → follow-up done (ms)', 'broadcast to 20: trigger → all started (ms)'):
+        assert float(rows[measure].replace(',', '')) > 0, got.stdout
+    assert 'warning/error line' not in got.stdout, got.stdout
