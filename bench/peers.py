@@ -341,18 +341,38 @@ def broadcast_round(tmp: str, k: int, args) -> float:
         return statistics.median(broadcast(f'celery{k}:bcast{b}', names) for b in range(args.broadcasts))
 
 
-def spawn(argv: list[str], n: int) -> None:
+def spawn(argv: list[str], n: int, go=None) -> None:
+    """Run argv n times, one after the other (after `go` is set, if given)."""
+    if go is not None:
+        go.wait()
     for _ in range(n):
         subprocess.run(argv, check=True)
 
 
 def raw_rate(argv: list[str], n: int, procs: int = 2) -> float:
-    """Jobs/s of plain subprocess.run(argv) in `procs` processes, n in all."""
-    with multiprocessing.Pool(procs) as pool:
-        pool.starmap(spawn, [(argv, 1)] * procs, chunksize=1)      # processes up before the clock starts
+    """Jobs/s of plain subprocess.run(argv) in `procs` processes, n in all.
+
+    Plain processes that start together on an event (a Pool can hang in its terminate())."""
+    go = multiprocessing.Event()
+    workers = [multiprocessing.Process(target=spawn, args=(argv, n // procs + (i < n % procs), go))
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.2)    # the processes are up and waiting before the clock starts
         start = time.monotonic()
-        pool.starmap(spawn, [(argv, n // procs + (i < n % procs)) for i in range(procs)], chunksize=1)
-        return n / (time.monotonic() - start)
+        go.set()
+        for w in workers:
+            w.join()
+        elapsed = time.monotonic() - start
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join()
+    if any(w.exitcode for w in workers):
+        raise RuntimeError(f'a raw spawning process failed (exit codes {[w.exitcode for w in workers]})')
+    return n / elapsed
 
 
 def one_round(tmp: str, k: int, args) -> dict[str, float]:
