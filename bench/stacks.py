@@ -26,7 +26,7 @@ FINAL = ('succeeded', 'failed', 'interrupted', 'expired')
 M2_NOISE = ('Failed to open PID file',               # at every start: no PID file yet
             'Failed to accept', 'Receive on handler socket failed',   # at every SIGTERM
             'Receive on control failed', 'Failed to read message',
-            'Task is already added',     # at SIGTERM, for each keep-alive connection still open
+            'Task is already added', 'tasks stalled',    # at SIGTERM, with keep-alive connections open
             'No handler to notify')    # wrk closes connections with requests in flight
 TIME_UNITS = {'us': 0.001, 'ms': 1.0, 's': 1000.0, 'm': 60_000.0, 'h': 3_600_000.0}   # wrk's -> ms
 
