@@ -63,16 +63,6 @@ WORKERS = {'w1': 'a,fan_a', 'w2': 'b,fan_b'}
 SEMAPHORES = {'semaphore1': 'noop_a,fan_gate', 'semaphore2': 'noop_b'}
 
 
-def start(stack) -> None:
-    stack.start_broker()
-    for name, topics in WORKERS.items():
-        stack.start_worker(name, '--topics', topics)
-    for name, topics in SEMAPHORES.items():
-        stack.start_semaphore(name, '--topics', topics)
-    stack.start_mongrel2()
-    stack.wait_healthy(60.0, workers=len(WORKERS) + len(SEMAPHORES))
-
-
 def throughput(stack, jobs: tuple[str, str], n: int) -> float:
     """n triggers alternating the two jobs as fast as the front end takes them; jobs/s end to end."""
     sent = stacks.blast(stack.port, [f'job_name={jobs[i % 2]}' for i in range(n)])
@@ -133,7 +123,7 @@ def measure(tmp: str, args) -> dict[str, float]:
     stack = stacks.make_stack(tempfile.mkdtemp(dir=tmp), JOBS_YAML, args.concurrency)
     out = {}
     try:
-        start(stack)
+        stacks.start(stack, WORKERS, SEMAPHORES)
         throughput(stack, ('bench_a', 'bench_b'), 100)    # warm-up: connections, caches
         out['throughput `true` (jobs/s)'] = throughput(stack, ('bench_a', 'bench_b'), args.n)
         out['throughput no-op (jobs/s)'] = throughput(stack, ('noop_a', 'noop_b'), args.n)

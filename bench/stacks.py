@@ -47,15 +47,15 @@ def make_stack(folder: str, jobs_yaml: str | None, concurrency: int = 2) -> Stac
                  log_dir=os.path.join(folder, 'logs'))
 
 
-def start(stack: Stack, workers: dict[str, str], semaphores: int = 0) -> None:
-    """Broker, workers (name -> topics), semaphores, Mongrel2; wait until all have registered."""
+def start(stack: Stack, workers: dict[str, str], semaphores: dict[str, str] | None = None) -> None:
+    """Broker, workers and semaphores (name -> topics), Mongrel2; wait until all have registered."""
     stack.start_broker()
     for name, topics in workers.items():
         stack.start_worker(name, '--topics', topics)
-    for k in range(semaphores):
-        stack.start_semaphore(f'semaphore{k + 1}')
+    for name, topics in (semaphores or {}).items():
+        stack.start_semaphore(name, '--topics', topics)
     stack.start_mongrel2()
-    stack.wait_healthy(60.0, workers=len(workers) + semaphores)
+    stack.wait_healthy(60.0, workers=len(workers) + len(semaphores or {}))
 
 
 def journal(stack: Stack) -> str:

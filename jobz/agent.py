@@ -274,7 +274,6 @@ class Agent:
         return [(json.loads(c), n) for c, n in self.db.execute(
             "SELECT call, attempts FROM calls WHERE state = 'started' ORDER BY at")]
 
-    # -- reporting --------------------------------------------------------
     # -- the transaction of a loop turn -----------------------------------
     def write(self) -> sqlite3.Connection:
         """The database, inside this turn's transaction (begun on first use)."""

@@ -163,10 +163,9 @@ class Broker:
         before = self.journal.db.total_changes
         try:
             for front in (self.fronts if http is True else http or []):
-                self._drain(front.reqs, lambda m, f=front: self.on_http(m, f, calls, http_out, self.touched))
+                self._drain(front.reqs, lambda m, f=front: self.on_http(m, f, calls, http_out))
             if router:
-                self._drain(self.router, lambda m: self.on_router(m, router_out, self.touched, self.acks),
-                            router=True)
+                self._drain(self.router, lambda m: self.on_router(m, router_out), router=True)
             now = time.monotonic()
             if self.held_since is None and self.journal.db.total_changes != before:
                 self.held_since = now
@@ -291,7 +290,7 @@ class Broker:
                 req.front.reply_http(req, code, encode(status))
 
     # -- HTTP -------------------------------------------------------------
-    def on_http(self, raw: bytes, front: Connection, calls: list, out: list, touched: set) -> None:
+    def on_http(self, raw: bytes, front: Connection, calls: list, out: list) -> None:
         try:
             req = Request.parse(raw)
         except BadMessage as e:
@@ -459,7 +458,7 @@ class Broker:
         """Workers a new run on `topic` waits for: those alive and subscribed now."""
         return sorted(n for n in self.live_workers() if topic in self.workers[n]['topics'])
 
-    def on_router(self, message: tuple, out: list, touched: set, acks: dict) -> None:
+    def on_router(self, message: tuple, out: list) -> None:
         frames, user = message
         if len(frames) != 3:
             log.warning('dropping a worker message with %d frames', len(frames))
@@ -482,17 +481,17 @@ class Broker:
                 run_id, started = p.text(msg.get('run_id'), 200), p.number(msg.get('started'))
                 if run_id and started and self.may_report(worker, run_id) and \
                         self.journal.set_started(run_id, worker, started):
-                    touched.add(run_id)
+                    self.touched.add(run_id)
             elif verb == p.RESULT:
                 run_id = p.text(msg.get('run_id'), 200)
                 if not run_id:
                     raise ValueError('no run_id')
                 if self.may_report(worker, run_id) and self.journal.set_result(run_id, worker, msg):
-                    touched.add(run_id)
+                    self.touched.add(run_id)
                     # Successes are in the journal (and the worker's log); failures deserve a line here.
                     self.log_lines.append((logging.DEBUG if msg['state'] == 'succeeded' else logging.INFO,
                                            'run %s: %s on %s', run_id, msg['state'], worker))
-                acks.setdefault(ident, []).append(run_id)
+                self.acks.setdefault(ident, []).append(run_id)
             elif verb == p.BYE:
                 w = self.workers.get(worker)
                 if w:    # remembered (its cursor still guards pruning), no longer expected
