@@ -10,6 +10,8 @@ run: deps
 	$(PY) -m jobz.stack
 
 test: deps
+	@command -v chromium >/dev/null || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }   # the status page's browser test
 	$(PY) -m pytest -q tests
 
 # jobz side by side with Celery+Redis, RQ and the raw spawn limit, the front end under wrk,

@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args)
+    setup_logging(args, 'broker')
     jobs = load_or_exit(args.jobs, log)     # validate everything before binding a socket
     os.makedirs(args.home, exist_ok=True)
     ctx = zmq.Context()

@@ -29,7 +29,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args)
+    setup_logging(args, f'semaphore:{args.name}')
     jobs = load_or_exit(args.jobs, log)
     ours = sorted({j.topic for j in jobs.values() if j.semaphore})
     if not ours:

@@ -5,12 +5,16 @@ setup(
     version='0.1.0',
     description='Distributed shell jobs triggered over HTTP, chained and synchronized (ZeroMQ + Mongrel2)',
     packages=['jobz'],
+    package_data={'jobz': ['page.html']},    # the status page the broker serves at /
     py_modules=['broker', 'worker', 'semaphore'],
     python_requires='>=3.11',
     install_requires=['pyzmq>=25', 'PyYAML>=6'],
     extras_require={'test': ['pytest>=7', 'pytest-timeout>=2', 'hypothesis>=6',
                              # the deployment test: ansible-core 2.19 is the last series for Python 3.11
-                             'ansible-core>=2.19,<2.20', 'ansible-lint'],
+                             'ansible-core>=2.19,<2.20', 'ansible-lint',
+                             # the status page in a real browser (Debian's chromium, never a download);
+                             # /metrics checked with the reference parser
+                             'playwright', 'prometheus_client'],
                     # bench/peers.py: the runners people would pick instead
                     'bench': ['celery', 'redis', 'rq']},
     entry_points={'console_scripts': [
@@ -19,5 +23,6 @@ setup(
         'jobz-semaphore=semaphore:main',
         'jobz-keys=jobz.keys:main',
         'jobz-ca=jobz.ca:main',
+        'jobz=jobz.client:main',
     ]},
 )

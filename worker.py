@@ -30,16 +30,20 @@ def parse_args(argv=None):
     ap.option('--kill-grace', env='JOBZ_KILL_GRACE', default=5.0, type=float,
               help='seconds between TERM and KILL when a job times out')
     ap.option('--output-tail', env='JOBZ_OUTPUT_TAIL', default=4096, type=int,
-              help='bytes of output kept per run')
+              help='characters of output shown in a run\'s status')
+    ap.option('--output-max', env='JOBZ_OUTPUT_MAX', default=262144, type=int,
+              help='characters of output kept per run (the start is dropped first), for /job_output')
     args = ap.parse_agent_args(argv)
     if args.concurrency < 1:
         ap.error('--concurrency must be at least 1')
+    if not 0 <= args.output_tail <= args.output_max <= 1 << 20:
+        ap.error('need 0 <= --output-tail <= --output-max <= 1048576')
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging(args)
+    setup_logging(args, f'worker:{args.name}')
     jobs = load_or_exit(args.jobs, log)
     topics = args.topics.split(',') if args.topics else sorted({j.topic for j in jobs.values() if j.command})
     topics = [t.strip() for t in topics if t.strip()]
@@ -53,7 +57,8 @@ def main(argv=None) -> int:
                   rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key,
                   tls=client_context(args.tls_cert, args.tls_key, args.tls_ca))
     worker = Worker(agent, jobs, name=args.name, url=args.url,
-                    concurrency=args.concurrency, kill_grace=args.kill_grace, output_tail=args.output_tail)
+                    concurrency=args.concurrency, kill_grace=args.kill_grace, output_tail=args.output_tail,
+                    output_max=args.output_max)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
     log.info('worker %s up: topics %s, concurrency %d, broker %s', args.name, ', '.join(topics),

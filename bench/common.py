@@ -125,7 +125,8 @@ def table(rounds: list[dict]) -> str:
     return '\n'.join(lines)
 
 
-def log_problems(folder: str, words=('WARNING', 'ERROR', 'Traceback'), noise=()) -> list[str]:
+def log_problems(folder: str, words=('level=warning', 'level=error', 'WARNING', 'ERROR', 'Traceback'),
+                 noise=()) -> list[str]:
     """Warning/error lines in the *.log and *.out files under folder, minus known noise."""
     found = []
     for path, _, files in os.walk(folder):

@@ -82,7 +82,7 @@ HOST = socket.gethostname()
 BROADCAST = Broadcast(BROADCAST_QUEUE)      # a fanout exchange; its queue name is unique per process
 RQ_CLASSES = (('RQ Worker (fork per job)', 'rq.worker.Worker'), ('RQ SimpleWorker', 'rq.worker.SimpleWorker'))
 RAW_COMMANDS = (('`true`', ['true']), ('`/bin/sh -c true`', ['/bin/sh', '-c', 'true']))
-PROBLEMS = ('WARNING', 'ERROR', 'CRITICAL', 'Traceback', 'Error')
+PROBLEMS = ('WARNING', 'ERROR', 'CRITICAL', 'Traceback', 'Error', 'level=warning', 'level=error')
 NOISE = ('superuser privileges', 'absolutely not recommended', 'C_FORCE_ROOT', 'uid=0', 'Memory overcommit')
 _db = (None, None, None)
 

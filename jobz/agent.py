@@ -323,6 +323,10 @@ class Agent:
         self.outgoing.append((p.RESULT, result))
         self.sent_at[run_id] = time.monotonic()
 
+    def send_output(self, run_id: str, offset: int, text: str) -> None:
+        """Output of a running command, best effort: its result carries the whole of it anyway."""
+        self._send(p.OUTPUT, {'run_id': run_id, 'offset': offset, 'text': text})
+
     def _send(self, verb: bytes, msg: dict) -> None:
         try:
             self.dealer.send_multipart([verb, p.pack(msg)], zmq.NOBLOCK)

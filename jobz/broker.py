@@ -8,17 +8,21 @@ from urllib.parse import parse_qsl
 import zmq
 
 from . import protocol as p
+from .cli import about
 from .jobfile import NAME_RE, Job, ParamError, prepare_params
 from .journal import Journal
 from .curve import PUB_DOMAIN, ROUTER_DOMAIN, Enrolled, make_server, start_authenticator
 from .tls import ClientCerts
 from .m2 import BadMessage, Connection, Request
+from .metrics import Exposition, Histogram
+from .views import Gates, Page
 
 log = logging.getLogger('jobz.broker')
 
 MAX_WAIT = 3600.0
 MAX_WAITERS = 1000   # wait= requests held at once
-MAX_MESSAGE = 4 << 20   # bytes of one message from a worker or from Mongrel2; larger: dropped by ZeroMQ
+MAX_MESSAGE = 8 << 20   # bytes of one message from a worker or from Mongrel2; larger: dropped by ZeroMQ
+                        # (a result carries up to 1 Mi characters of output, which JSON may escape)
 BATCH = 256          # messages handled per commit: one fsync carries a whole burst
 COMMIT_DELAY = 0.005 # seconds worker reports may wait for company before their commit
 SYNC_BATCH = 500     # calls per CALLS answer
@@ -31,6 +35,10 @@ ROUTES = {           # path -> allowed methods
     '/workers': ('GET', 'HEAD'),
     '/runs': ('GET', 'HEAD'),
     '/health': ('GET', 'HEAD'),
+    '/job_output': ('GET', 'HEAD'),
+    '/chain': ('GET', 'HEAD'),
+    '/gates': ('GET', 'HEAD'),
+    '/metrics': ('GET', 'HEAD'),
 }
 
 
@@ -39,6 +47,13 @@ class HttpError(Exception):
         super().__init__(message)
         self.status = status
         self.extra = extra
+
+
+class Raw:
+    """An answer that is not JSON: the status page, the metrics."""
+
+    def __init__(self, body: bytes, content_type: str, headers: dict | None = None):
+        self.body, self.content_type, self.headers = body, content_type, headers or {}
 
 
 def new_run_id() -> str:
@@ -104,6 +119,11 @@ class Broker:
         # Log lines of a burst are written after its calls went out and its answers were sent: on
         # an idle machine one line costs a tenth of a millisecond, which a trigger need not wait for.
         self.log_lines: list[tuple] = []
+        self.gates = Gates(journal, jobs)
+        # For /metrics, since this broker started: runs journaled and ended, and how long they took.
+        self.runs_started: dict[str, int] = {}
+        self.runs_ended: dict[tuple[str, str], int] = {}
+        self.durations: dict[str, Histogram] = {}
         self.stopping = False
         self.started = time.time()
 
@@ -191,7 +211,11 @@ class Broker:
             self.router.send_multipart([ident, p.ACK, p.pack({'run_ids': run_ids})])
         self.acks = {}
         for req, status, body in http_out:
-            req.front.reply_http(req, status, encode(body))
+            if isinstance(body, Raw):
+                req.front.reply_http(req, status, body.body, content_type=body.content_type,
+                                     extra_headers=body.headers)
+            else:
+                req.front.reply_http(req, status, encode(body))
         for run_id, req, deadline in self.new_waits:
             self.waiters.setdefault(run_id, []).append((req, deadline))
             self.touched.add(run_id)
@@ -200,8 +224,8 @@ class Broker:
         for run_id in touched:
             self.check_waiters(run_id)
         lines, self.log_lines = self.log_lines, []
-        for level, *args in lines:
-            log.log(level, *args)
+        for level, extra, *args in lines:
+            log.log(level, *args, extra=extra)
 
     def _drain(self, sock, handle, router=False) -> None:
         for _ in range(BATCH):
@@ -351,6 +375,9 @@ class Broker:
         return name
 
     def http_index(self, req, q, calls):
+        if 'text/html' in str(req.headers.get('accept', '')):    # a browser: the status page
+            page = Page()    # read each time: a few kilobytes, and an edited page needs no restart
+            return Raw(page.body, 'text/html; charset=utf-8', page.headers)
         return {'service': 'jobz', 'paths': sorted(ROUTES)}
 
     def http_health(self, req, q, calls):
@@ -367,7 +394,7 @@ class Broker:
             lag = {t: max(0, self.journal.heads.get(t, 0) - c) for t, c in w['cursors'].items()}
             out[name] = {'topics': sorted(w['topics']), 'alive': now - w['seen'] <= self.worker_timeout,
                          'last_heartbeat': w['seen_at'], 'seconds_ago': round(time.time() - w['seen_at'], 3),
-                         'lag': lag, 'running': w['running']}
+                         'lag': lag, 'running': w['running'], 'running_runs': self.journal.running_on(name)}
         return out
 
     def http_runs(self, req, q, calls):
@@ -379,6 +406,68 @@ class Broker:
         if status is None:
             raise HttpError(404, f"unknown run {q['run_id']!r}")
         return status
+
+    def http_job_output(self, req, q, calls):
+        run_id = self._required(q, 'run_id')
+        status = self.journal.summaries('r.run_id = ?', (run_id,), 1)
+        if not status:
+            raise HttpError(404, f'unknown run {run_id!r}')
+        offset = int(self._number(q, 'offset', 0, 0, 2 ** 53))
+        workers = self.journal.output(run_id, q.get('worker') or None, offset)
+        if q.get('worker') and not workers:
+            raise HttpError(404, f"run {run_id} has no worker {q['worker']!r}")
+        return {'run_id': run_id, 'state': status[0]['state'], 'workers': workers}
+
+    def http_chain(self, req, q, calls):
+        chain = self.gates.chain(self._required(q, 'run_id'))
+        if chain is None:
+            raise HttpError(404, f"unknown run {q['run_id']!r}")
+        return chain
+
+    def http_gates(self, req, q, calls):
+        job = q.get('job') or None
+        if job is not None and not (job in self.jobs and self.jobs[job].semaphore):
+            raise HttpError(404, f'no semaphore job {job!r}')
+        return {'gates': self.gates.all(job, open_only=q.get('open') in ('1', 'true', 'yes'))}
+
+    def http_metrics(self, req, q, calls):
+        return Raw(self.metrics(), 'text/plain; version=0.0.4; charset=utf-8')
+
+    def metrics(self) -> bytes:
+        m = Exposition()
+        m.family('jobz_runs_started_total', 'counter', 'Runs journaled since the broker started.',
+                 [({'job': j}, n) for j, n in sorted(self.runs_started.items())])
+        m.family('jobz_runs_finished_total', 'counter', 'Runs that ended since the broker started, by state.',
+                 [({'job': j, 'state': s}, n) for (j, s), n in sorted(self.runs_ended.items())])
+        open_runs: dict[tuple[str, str], int] = {}
+        for run in self.journal.open_runs():
+            open_runs[run['job'], run['state']] = open_runs.get((run['job'], run['state']), 0) + 1
+        m.family('jobz_runs_open', 'gauge', 'Runs in the journal that some worker has still to finish.',
+                 [({'job': j, 'state': s}, n) for (j, s), n in sorted(open_runs.items())])
+        m.family('jobz_run_duration_seconds', 'histogram', 'Seconds from trigger to the last worker finished.',
+                 [({'job': j}, h) for j, h in sorted(self.durations.items())])
+        now, alive = time.monotonic(), set(self.live_workers())
+        m.family('jobz_workers_connected', 'gauge', 'Workers heard from within --worker-timeout.',
+                 [({}, len(alive))])
+        workers = sorted(self.workers.items())
+        m.family('jobz_worker_up', 'gauge', 'Whether a known worker is connected.',
+                 [({'worker': n}, int(n in alive)) for n, _ in workers])
+        m.family('jobz_worker_lag', 'gauge', 'Calls on a topic the worker has not taken yet.',
+                 [({'worker': n, 'topic': t}, max(0, self.journal.heads.get(t, 0) - c))
+                  for n, w in workers for t, c in sorted(w['cursors'].items())])
+        m.family('jobz_worker_heartbeat_age_seconds', 'gauge', 'Seconds since the worker was last heard.',
+                 [({'worker': n}, round(min(now - w['seen'], time.time() - w['seen_at']), 3)) for n, w in workers])
+        m.family('jobz_worker_running', 'gauge', 'Commands the worker says it is running.',
+                 [({'worker': n}, w['running']) for n, w in workers])
+        m.family('jobz_journal_runs', 'gauge', 'Runs in the journal.',
+                 [({}, self.journal.db.execute('SELECT count(*) FROM runs').fetchone()[0])])
+        m.family('jobz_journal_bytes', 'gauge', 'Size of the journal database and its write-ahead log.',
+                 [({}, self.journal.size())])
+        m.family('jobz_semaphore_gates_open', 'gauge', 'Gates with arrivals that have not released yet.',
+                 [({'job': j}, n) for j, n in sorted(self.gates.open_counts().items())])
+        m.family('jobz_broker_uptime_seconds', 'gauge', 'Seconds since the broker started.',
+                 [({}, round(time.time() - self.started, 3))])
+        return m.text()
 
     def http_job_note(self, req, q, calls):
         run_id = self._required(q, 'run_id')
@@ -411,7 +500,9 @@ class Broker:
             call = self.journal.add_run(run_id, job.name, job.topic, params, sanitized, key,
                                         workers, parent, job.expires, req.who)
             calls.append(call)
-            self.log_lines.append((logging.INFO, 'run %s: job %s on topic %s, seq %d, by %s',
+            self.runs_started[job.name] = self.runs_started.get(job.name, 0) + 1
+            self.log_lines.append((logging.INFO, about(run_id, job.name),
+                                   'run %s: job %s on topic %s, seq %d, by %s',
                                    run_id, job.name, job.topic, call['seq'], req.who))
             if wait is None:    # answered from what we just wrote: no need to read it back
                 return {'run_id': run_id, 'job': job.name, 'topic': job.topic, 'params': params,
@@ -488,10 +579,19 @@ class Broker:
                     raise ValueError('no run_id')
                 if self.may_report(worker, run_id) and self.journal.set_result(run_id, worker, msg):
                     self.touched.add(run_id)
+                    self.journal.add_output(run_id, worker, int(p.number(msg.get('output_dropped')) or 0),
+                                            p.text(msg.get('output'), 1 << 22) or '', complete=True)
+                    self.count_end(run_id)
                     # Successes are in the journal (and the worker's log); failures deserve a line here.
                     self.log_lines.append((logging.DEBUG if msg['state'] == 'succeeded' else logging.INFO,
+                                           about(run_id),
                                            'run %s: %s on %s', run_id, msg['state'], worker))
                 self.acks.setdefault(ident, []).append(run_id)
+            elif verb == p.OUTPUT:    # output of a running command, so far: for people watching it
+                run_id, offset = p.text(msg.get('run_id'), 200), msg.get('offset')
+                if run_id and p.is_int(offset) and offset >= 0 and isinstance(msg.get('text'), str) \
+                        and self.may_report(worker, run_id):
+                    self.journal.add_output(run_id, worker, offset, msg['text'])
             elif verb == p.BYE:
                 w = self.workers.get(worker)
                 if w:    # remembered (its cursor still guards pruning), no longer expected
@@ -503,6 +603,15 @@ class Broker:
                 log.warning('dropping unknown verb %r from %s', verb[:32], worker)
         except (KeyError, TypeError, ValueError) as e:
             log.warning('dropping a bad %r from %s: %s', verb[:32], worker, str(e)[:200])
+
+    def count_end(self, run_id: str) -> None:
+        """If that result was the run's last, count the run as ended (for /metrics)."""
+        ended = self.journal.ended(run_id)
+        if ended:
+            state, seconds = ended
+            job = self.journal.summaries('r.run_id = ?', (run_id,), 1)[0]['job']
+            self.runs_ended[job, state] = self.runs_ended.get((job, state), 0) + 1
+            self.durations.setdefault(job, Histogram()).observe(seconds)
 
     def may_report(self, worker: str, run_id: str) -> bool:
         """Only a worker the run waits for, or one subscribed to its topic (catching up), reports on it."""

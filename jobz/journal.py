@@ -1,5 +1,6 @@
 """The broker's SQLite journal: runs, per-worker results and progress notes."""
 import json
+import os
 import sqlite3
 import time
 
@@ -35,6 +36,15 @@ CREATE TABLE IF NOT EXISTS results (
     output_tail TEXT,
     PRIMARY KEY (run_id, worker)
 );
+CREATE INDEX IF NOT EXISTS results_open ON results (worker) WHERE state IN ('pending', 'running');
+CREATE TABLE IF NOT EXISTS outputs (        -- a run's output per worker, bounded: the start is dropped first
+    run_id   TEXT NOT NULL REFERENCES runs (run_id),
+    worker   TEXT NOT NULL,
+    text     TEXT NOT NULL,
+    dropped  INTEGER NOT NULL,              -- characters dropped before `text`
+    complete INTEGER NOT NULL,              -- 1 once the worker's result brought the whole output
+    PRIMARY KEY (run_id, worker)
+);
 CREATE TABLE IF NOT EXISTS notes (
     run_id TEXT NOT NULL REFERENCES runs (run_id),
     worker TEXT,
@@ -50,6 +60,7 @@ CREATE TABLE IF NOT EXISTS workers (        -- the registry, so a restarted brok
 );
 """
 OPEN = ('pending', 'running')
+MAX_OUTPUT = 1 << 20    # characters of output kept per run and worker
 
 
 def run_state(worker_states: list[str]) -> str:
@@ -186,8 +197,7 @@ class Journal:
                                     'output_tail': r['output_tail']}
         notes = [{'worker': n['worker'], 'at': n['at'], 'note': n['note']}
                  for n in self.db.execute('SELECT * FROM notes WHERE run_id = ? ORDER BY at', (run_id,))]
-        children = [r[0] for r in self.db.execute('SELECT run_id FROM runs WHERE parent = ? ORDER BY created',
-                                                  (run_id,))]
+        children = self.children(run_id)
         return {'run_id': run_id, 'job': run['job'], 'topic': run['topic'], 'seq': run['seq'],
                 'state': run_state([w['state'] for w in workers.values()]),
                 'params': json.loads(run['params']), 'sanitized': json.loads(run['sanitized']),
@@ -195,17 +205,93 @@ class Journal:
                 'parent': run['parent'], 'children': children, 'triggered_by': run['by'],
                 'workers': workers, 'notes': notes}
 
-    def recent(self, job: str | None, limit: int) -> list[dict]:
-        if job:
-            rows = self.db.execute('SELECT run_id FROM runs WHERE job = ? ORDER BY created DESC LIMIT ?',
-                                   (job, limit))
-        else:
-            rows = self.db.execute('SELECT run_id FROM runs ORDER BY created DESC LIMIT ?', (limit,))
+    def summaries(self, where: str = '1', args: tuple = (), limit: int = 1000) -> list[dict]:
+        """Light run records (newest first), each with its state worked out in one query."""
+        rows = self.db.execute(
+            "SELECT r.run_id, r.job, r.params, r.created, r.parent, r.by, r.key, count(s.worker) AS n, "
+            "total(s.state = 'pending') AS waiting, total(s.state IN ('pending', 'running')) AS open, "
+            "total(s.state = 'succeeded') AS ok, max(s.finished) AS finished, "
+            "group_concat(s.worker || '=' || s.state) AS states "
+            f"FROM runs r LEFT JOIN results s USING (run_id) WHERE {where} "
+            "GROUP BY r.run_id ORDER BY r.created DESC LIMIT ?", args + (limit,))
         out = []
-        for (run_id,) in rows.fetchall():
-            s = self.status(run_id)
-            out.append({k: s[k] for k in ('run_id', 'job', 'state', 'params', 'created')}
-                       | {'workers': {w: v['state'] for w, v in s['workers'].items()}})
+        for r in rows:
+            if r['n'] == 0 or r['waiting'] == r['n']:
+                state = 'pending'
+            elif r['open']:
+                state = 'running'
+            else:
+                state = 'succeeded' if r['ok'] == r['n'] else 'failed'
+            finished = r['finished'] if not r['open'] and r['n'] else None
+            out.append({'run_id': r['run_id'], 'job': r['job'], 'state': state, 'params': json.loads(r['params']),
+                        'created': r['created'], 'finished': finished,
+                        'duration': finished - r['created'] if finished else None,
+                        'parent': r['parent'], 'triggered_by': r['by'], 'key': r['key'],
+                        'workers': dict(pair.split('=', 1) for pair in (r['states'] or '').split(',') if pair)})
+        return out
+
+    def summary(self, run_id: str) -> dict | None:
+        found = self.summaries('r.run_id = ?', (run_id,), 1)
+        if not found:
+            return None
+        found[0]['children'] = self.children(run_id)
+        return found[0]
+
+    def children(self, run_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute('SELECT run_id FROM runs WHERE parent = ? ORDER BY created',
+                                              (run_id,))]
+
+    def recent(self, job: str | None, limit: int) -> list[dict]:
+        return self.summaries('r.job = ?', (job,), limit) if job else self.summaries(limit=limit)
+
+    def open_runs(self) -> list[dict]:
+        """Runs some worker has still to finish (the partial index keeps this cheap)."""
+        return self.summaries("r.run_id IN (SELECT run_id FROM results WHERE state IN ('pending', 'running'))",
+                              limit=100000)
+
+    def running_on(self, worker: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT run_id FROM results WHERE worker = ? AND state = 'running' ORDER BY started", (worker,))]
+
+    def ended(self, run_id: str) -> tuple[str, float] | None:
+        """(state, seconds from trigger to the last finish) once no worker is left to report; else None."""
+        row = self.db.execute(
+            "SELECT total(s.state IN ('pending', 'running')), total(s.state != 'succeeded'), "
+            "max(s.finished), r.created FROM results s JOIN runs r USING (run_id) WHERE s.run_id = ?",
+            (run_id,)).fetchone()
+        if row[0] or row[3] is None:
+            return None
+        return ('failed' if row[1] else 'succeeded'), max(0.0, (row[2] or row[3]) - row[3])
+
+    # -- output ------------------------------------------------------------
+    def add_output(self, run_id: str, worker: str, offset: int, text: str, complete: bool = False) -> None:
+        """Store output starting at character `offset` of the stream; a complete one replaces what was there."""
+        row = self.db.execute('SELECT text, dropped, complete FROM outputs WHERE run_id = ? AND worker = ?',
+                              (run_id, worker)).fetchone()
+        if row is not None and row['complete']:
+            return    # the result's whole output is in: late pieces change nothing
+        if complete or row is None or offset > row['dropped'] + len(row['text']):
+            stored, dropped = '', offset    # first piece, the whole output, or a piece went missing
+        else:
+            stored, dropped = row['text'], row['dropped']
+            text = text[dropped + len(stored) - offset:]    # only what is new
+        stored += text
+        cut = max(0, len(stored) - MAX_OUTPUT)
+        self.db.execute('INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?)',
+                        (run_id, worker, stored[cut:], dropped + cut, int(complete)))
+
+    def output(self, run_id: str, worker: str | None, offset: int) -> dict:
+        """Per worker: the output from `offset` on, where to go on from, and whether more can come."""
+        out = {}
+        for r in self.db.execute(
+                'SELECT s.worker, s.state, o.text, o.dropped, o.complete FROM results s LEFT JOIN outputs o '
+                'USING (run_id, worker) WHERE s.run_id = ? AND (? IS NULL OR s.worker = ?) ORDER BY s.worker',
+                (run_id, worker, worker)):
+            text, dropped = r['text'] or '', r['dropped'] or 0
+            start = max(offset, dropped)
+            out[r['worker']] = {'output': text[start - dropped:], 'offset': start,
+                                'next': max(start, dropped + len(text)), 'dropped': dropped,
+                                'complete': bool(r['complete']) or r['state'] not in OPEN}
         return out
 
     # -- the worker registry ---------------------------------------------
@@ -233,9 +319,14 @@ class Journal:
             # The newest run of a topic stays: it carries the sequence on across a restart.
             if seq <= slowest.get(topic, seq) and seq < self.heads.get(topic, 0):
                 doomed.append((run_id,))
-        for table in ('notes', 'results', 'runs'):
+        for table in ('notes', 'outputs', 'results', 'runs'):
             self.db.executemany(f'DELETE FROM {table} WHERE run_id = ?', doomed)
         return len(doomed)
+
+    def size(self) -> int:
+        """Bytes on disk: the database and its write-ahead log."""
+        path = self.db.execute('PRAGMA database_list').fetchone()[2]
+        return sum(os.path.getsize(p) for p in (path, path + '-wal') if p and os.path.exists(p))
 
     def close(self) -> None:
         self.db.close()

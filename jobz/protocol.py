@@ -1,7 +1,7 @@
 """Words and framing of the broker <-> worker protocol (all in one place).
 
 Broker PUB -> worker SUB:   [topic + b'\\0', call JSON]          live calls (fast path)
-Worker DEALER -> ROUTER:    [verb, JSON]                         SYNC, STARTED, RESULT, BYE
+Worker DEALER -> ROUTER:    [verb, JSON]                         SYNC, STARTED, OUTPUT, RESULT, BYE
 Broker ROUTER -> DEALER:    [verb, JSON]                         CALLS, ACK, CALL
 
 A call is {"run_id", "job", "topic", "seq", "params", "key", "created"}. Every call
@@ -13,6 +13,8 @@ import json
 SYNC = b'SYNC'        # {"topics": [...], "cursors": {topic: seq}, "running": n}
 STARTED = b'STARTED'  # {"run_id", "started"} sent only for a job still running a moment after its start
 RESULT = b'RESULT'    # {"run_id", "state", "rc", "signal", "reason", "started", "finished", "output_tail"}
+OUTPUT = b'OUTPUT'    # {"run_id", "offset", "text"} output of a running command since `offset` (not acked:
+                      # RESULT carries the whole output, bounded, as "output" and "output_dropped")
 BYE = b'BYE'          # {} the worker is leaving; stop expecting it for new runs
 CALLS = b'CALLS'      # {"calls": [call...], "cursors": {topic: seq}}
 ACK = b'ACK'          # {"run_ids": [...]} those results are journaled; drop them from the outbox

@@ -3,6 +3,7 @@ import logging
 import time
 
 from .agent import Agent
+from .cli import about
 from .jobfile import Job, link_url, render_url
 
 log = logging.getLogger('jobz.semaphore')
@@ -82,11 +83,11 @@ class Semaphore:
                 return []
             db.execute('INSERT INTO released VALUES (?, ?, ?)', (job.name, gate, time.time()))
             result['output_tail'] += '; released'
-            log.info('semaphore %s released for %s=%s', job.name, key or 'parent', gate)
+            log.info('semaphore %s released for %s=%s', job.name, key or 'parent', gate, extra=about(run_id, job.name))
             return self.release_urls(job, params, run_id, gate)
 
         self.agent.finish(run_id, result, inside=count)
-        log.info('semaphore %s: %s', job.name, result.get('output_tail'))
+        log.info('semaphore %s: %s', job.name, result.get('output_tail'), extra=about(run_id, job.name))
 
     def release_urls(self, job: Job, params: dict, run_id: str, gate: str) -> list[str]:
         if not job.on_success:
@@ -95,7 +96,8 @@ class Semaphore:
         try:
             url = render_url(job.on_success, values, self.url)
         except KeyError as e:
-            log.error('semaphore %s: on_success needs %r, which the call does not carry', job.name, e.args[0])
+            log.error('semaphore %s: on_success needs %r, which the call does not carry', job.name, e.args[0],
+                      extra=about(run_id, job.name))
             return []
         # Deterministic key: a restarted semaphore can never release the same gate twice.
         return [link_url(url, run_id, f'semaphore.{job.name}.{gate}')]

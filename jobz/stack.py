@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 from . import defaults
+from .cli import LogfmtFormatter
 from .jobfile import load_jobs
 
 log = logging.getLogger('jobz.stack')
@@ -224,7 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument('--clients', default=os.environ.get('JOBZ_CLIENTS'),
                     help='folder of client certificates allowed on HTTPS (default: any from the CA; env JOBZ_CLIENTS)')
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter('stack'))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     if shutil.which('mongrel2') is None:
         sys.exit('error: mongrel2 is not installed (apt-get install mongrel2-core)')
     stack = Stack(args.home, args.jobs.split(':'), port=args.port, tls=args.ca, tls_port=args.tls_port,

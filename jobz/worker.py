@@ -1,4 +1,5 @@
 """The worker: runs its own configured command for each call of its topics."""
+import codecs
 import logging
 import os
 import signal
@@ -7,10 +8,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .agent import Agent
+from .cli import about
 from .jobfile import NAME_RE, Job, UNSAFE_RE, link_url, render_command, render_url
 
 log = logging.getLogger('jobz.worker')
 SHELL = '/bin/sh'
+OUTPUT_EVERY = 0.5    # seconds between OUTPUT messages of a running command that writes
 
 
 @dataclass
@@ -22,7 +25,12 @@ class Running:
     deadline: float | None          # monotonic
     kill_at: float | None = None    # monotonic; set once TERM was sent
     why_killed: str | None = None
-    tail: bytearray = field(default_factory=bytearray)    # the last output_tail bytes of output
+    # Output so far, as text: the last --output-max characters, and how many came in all.
+    text: str = ''
+    total: int = 0
+    sent: int = 0                   # characters already sent to the broker while running (OUTPUT)
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder('utf-8')('replace'))
 
 
 def describe_exit(rc: int) -> tuple[int | None, str | None, str]:
@@ -39,7 +47,8 @@ def describe_exit(rc: int) -> tuple[int | None, str | None, str]:
 
 class Worker:
     def __init__(self, agent: Agent, jobs: dict[str, Job], *, name: str, url: str,
-                 concurrency: int, kill_grace: float = 5.0, output_tail: int = 4096):
+                 concurrency: int, kill_grace: float = 5.0, output_tail: int = 4096,
+                 output_max: int = 262144):
         self.agent = agent
         self.jobs = jobs
         self.name = name
@@ -47,6 +56,8 @@ class Worker:
         self.concurrency = concurrency
         self.kill_grace = kill_grace
         self.output_tail = output_tail
+        self.output_max = max(output_max, output_tail)
+        self.output_due = 0.0
         self.running: dict[int, Running] = {}     # pidfd -> running job
         # Output pipe -> its job; None once the job was reported but something it left running
         # still holds the pipe: read to the end and dropped, so a straggler never gets SIGPIPE.
@@ -66,10 +77,11 @@ class Worker:
         if retry and attempts <= retry['count']:
             delay = retry['backoff'] * 2 ** (attempts - 1)
             log.warning('run %s was running when this worker stopped; retry %d of %d in %.0fs',
-                        call['run_id'], attempts, retry['count'], delay)
+                        call['run_id'], attempts, retry['count'], delay, extra=about(call['run_id'], job.name))
             self.delayed.append((time.monotonic() + delay, call))
             return
-        log.warning('run %s was running when this worker stopped; reporting it interrupted', call['run_id'])
+        log.warning('run %s was running when this worker stopped; reporting it interrupted', call['run_id'],
+                    extra=about(call['run_id'], call.get('job')))
         self.report_unrun(call, 'interrupted', 'the worker stopped while it ran'
                           + (f' (after {attempts} attempts)' if attempts > 1 else ''))
 
@@ -117,14 +129,26 @@ class Worker:
     def tick(self, now: float) -> None:
         for r in list(self.running.values()):
             if r.deadline is not None and now >= r.deadline and r.kill_at is None:
-                log.warning('run %s: timeout; sending TERM to its process group', r.call['run_id'])
+                log.warning('run %s: timeout; sending TERM to its process group', r.call['run_id'],
+                            extra=about(r.call['run_id'], r.call['job']))
                 r.why_killed = 'timeout'
                 self._killpg(r, signal.SIGTERM)
                 r.kill_at = now + self.kill_grace
             elif r.kill_at is not None and now >= r.kill_at:
                 self._killpg(r, signal.SIGKILL)
                 r.kill_at = float('inf')
+        if now >= self.output_due:
+            self.output_due = now + OUTPUT_EVERY
+            self.send_output()
         self.agent.tick(now)
+
+    def send_output(self) -> None:
+        """Send what running commands wrote since last time, for people following a run live."""
+        for r in self.running.values():
+            if r.total > r.sent:
+                start = max(r.sent, r.total - len(r.text))    # what was dropped meanwhile is gone
+                self.agent.send_output(str(r.call['run_id']), start, r.text[start - r.total:])
+                r.sent = r.total
 
     def _killpg(self, r: Running, sig: int) -> None:
         try:
@@ -144,14 +168,15 @@ class Worker:
             call = self.queue.popleft()
             expires = call.get('expires_at')
             if isinstance(expires, (int, float)) and time.time() > expires:
-                log.warning('run %s expired before it could start; not running it', call.get('run_id'))
+                log.warning('run %s expired before it could start; not running it', call.get('run_id'),
+                            extra=about(call.get('run_id'), call.get('job')))
                 self.report_unrun(call, 'expired', 'expired before it could start '
                                   f'({time.time() - expires:.0f}s past its deadline)')
                 continue
             try:
                 job, command, env = self.prepare(call)
             except ValueError as e:
-                log.error('run %s: %s', call.get('run_id'), e)
+                log.error('run %s: %s', call.get('run_id'), e, extra=about(call.get('run_id'), call.get('job')))
                 self.agent.finish(str(call['run_id']), {'state': 'failed', 'reason': str(e)})
                 continue
             batch.append((call, job, command, env))
@@ -206,13 +231,13 @@ class Worker:
                 os.close(out)
             pidfd = os.pidfd_open(pid)
         except OSError as e:
-            log.error('run %s: cannot start: %s', run_id, e)
+            log.error('run %s: cannot start: %s', run_id, e, extra=about(run_id, job.name))
             self.agent.finish(run_id, {'state': 'failed', 'reason': f'cannot start: {e}'})
             return
         deadline = time.monotonic() + job.timeout if job.timeout else None
         self.running[pidfd] = self.pipes[output] = Running(call, pid, output, started, deadline)
         self.agent.started(run_id, started)
-        log.debug('run %s: started %s (pid %d)', run_id, job.name, pid)
+        log.debug('run %s: started %s (pid %d)', run_id, job.name, pid, extra=about(run_id, job.name))
 
     # -- finishing ---------------------------------------------------------
     def reap(self, pidfd: int) -> None:
@@ -226,6 +251,7 @@ class Worker:
             self.pipes[r.output] = None    # still held open by something the command left running
         if r.why_killed:
             self._killpg(r, signal.SIGKILL)   # sweep what is left of the group
+        r.text += r.decoder.decode(b'', final=True)
         finished = time.time()
         code, sig, reason = describe_exit(rc)
         if r.why_killed:
@@ -233,12 +259,14 @@ class Worker:
         state = 'succeeded' if rc == 0 and not r.why_killed else 'failed'
         result = {'state': state, 'rc': code, 'signal': sig, 'reason': reason,
                   'started': r.started, 'finished': finished,
-                  'output_tail': r.tail.decode('utf-8', 'replace')}
+                  'output_tail': r.text[max(0, len(r.text) - self.output_tail):]}
+        if r.text:    # the whole output (bounded) goes with the result, acknowledged like it
+            result.update(output=r.text, output_dropped=r.total - len(r.text))
         job = self.jobs[r.call['job']]
         urls = self.handler_urls(job, r.call, state, rc)
         self.agent.finish(str(r.call['run_id']), result, urls)
         log.info('run %s: %s %s (%s, %.3fs)', r.call['run_id'], job.name, state, reason,
-                 finished - r.started)
+                 finished - r.started, extra=about(r.call['run_id'], job.name))
 
     def read_output(self, fd: int, drain: bool = False) -> None:
         """Read what a command wrote (all there is, when it has ended); keep the tail, close at the end."""
@@ -253,8 +281,11 @@ class Worker:
                 os.close(fd)
                 return
             if r is not None:
-                r.tail += data
-                del r.tail[:max(0, len(r.tail) - self.output_tail)]
+                text = r.decoder.decode(data)
+                r.total += len(text)
+                r.text += text
+                if len(r.text) > self.output_max:
+                    r.text = r.text[len(r.text) - self.output_max:]
 
     def handler_urls(self, job: Job, call: dict, state: str, rc: int | None) -> list[str]:
         template = job.on_success if state == 'succeeded' else job.on_failure
@@ -265,6 +296,7 @@ class Worker:
         try:
             url = render_url(template, values, self.url)
         except KeyError as e:
-            log.error('run %s: handler URL needs %r, which the call does not carry', call['run_id'], e.args[0])
+            log.error('run %s: handler URL needs %r, which the call does not carry', call['run_id'], e.args[0],
+                      extra=about(call['run_id'], job.name))
             return []
         return [link_url(url, call['run_id'], f"{call['run_id']}.{self.name}.{state}")]
