@@ -579,8 +579,10 @@ class Broker:
                     raise ValueError('no run_id')
                 if self.may_report(worker, run_id) and self.journal.set_result(run_id, worker, msg):
                     self.touched.add(run_id)
-                    self.journal.add_output(run_id, worker, int(p.number(msg.get('output_dropped')) or 0),
-                                            p.text(msg.get('output'), 1 << 22) or '', complete=True)
+                    if isinstance(msg.get('output'), str):    # absent when the command wrote nothing
+                        dropped = msg.get('output_dropped')
+                        self.journal.add_output(run_id, worker, dropped if p.is_int(dropped) and dropped > 0 else 0,
+                                                msg['output'], complete=True)
                     self.count_end(run_id)
                     # Successes are in the journal (and the worker's log); failures deserve a line here.
                     self.log_lines.append((logging.DEBUG if msg['state'] == 'succeeded' else logging.INFO,
@@ -608,8 +610,7 @@ class Broker:
         """If that result was the run's last, count the run as ended (for /metrics)."""
         ended = self.journal.ended(run_id)
         if ended:
-            state, seconds = ended
-            job = self.journal.summaries('r.run_id = ?', (run_id,), 1)[0]['job']
+            job, state, seconds = ended
             self.runs_ended[job, state] = self.runs_ended.get((job, state), 0) + 1
             self.durations.setdefault(job, Histogram()).observe(seconds)
 

@@ -253,15 +253,15 @@ class Journal:
         return [r[0] for r in self.db.execute(
             "SELECT run_id FROM results WHERE worker = ? AND state = 'running' ORDER BY started", (worker,))]
 
-    def ended(self, run_id: str) -> tuple[str, float] | None:
-        """(state, seconds from trigger to the last finish) once no worker is left to report; else None."""
+    def ended(self, run_id: str) -> tuple[str, str, float] | None:
+        """(job, state, seconds from trigger to the last finish) once no worker is left to report; else None."""
         row = self.db.execute(
             "SELECT total(s.state IN ('pending', 'running')), total(s.state != 'succeeded'), "
-            "max(s.finished), r.created FROM results s JOIN runs r USING (run_id) WHERE s.run_id = ?",
+            "max(s.finished), r.created, r.job FROM results s JOIN runs r USING (run_id) WHERE s.run_id = ?",
             (run_id,)).fetchone()
         if row[0] or row[3] is None:
             return None
-        return ('failed' if row[1] else 'succeeded'), max(0.0, (row[2] or row[3]) - row[3])
+        return row[4], ('failed' if row[1] else 'succeeded'), max(0.0, (row[2] or row[3]) - row[3])
 
     # -- output ------------------------------------------------------------
     def add_output(self, run_id: str, worker: str, offset: int, text: str, complete: bool = False) -> None:

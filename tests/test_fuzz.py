@@ -137,7 +137,9 @@ def parse_reply(raw: bytes) -> dict:
         name, colon, value = line.partition(b': ')
         assert colon and re.fullmatch(rb'[A-Za-z-]+', name), f'bad header line {line!r}'
         headers[name.lower()] = value
-    assert headers.get(b'content-type') == b'application/json', headers
+    # JSON, but for /metrics (Prometheus text) and the status page (a browser's Accept at /).
+    assert headers.get(b'content-type') in (b'application/json', b'text/plain; version=0.0.4; charset=utf-8',
+                                            b'text/html; charset=utf-8'), headers
     assert re.fullmatch(rb'[0-9]+', headers.get(b'content-length', b'')), headers
     return {'sender': sender, 'ids': ids, 'status': int(status_line.group(1)),
             'length': int(headers[b'content-length']), 'body': body}
@@ -655,7 +657,10 @@ typed_results = st.builds(
     lambda base, more: {**more, **base},
     st.fixed_dictionaries({'run_id': st.just(FRESH), 'state': st.sampled_from(p.FINAL_STATES)}),
     st.fixed_dictionaries({}, optional={k: anything for k in ('rc', 'signal', 'reason', 'started', 'finished',
-                                                              'output_tail')}))
+                                                              'output_tail', 'output', 'output_dropped')}))
+typed_outputs = st.fixed_dictionaries({'run_id': st.sampled_from([FRESH, FINAL, 'no-such-run'])},
+                                      optional={'offset': st.one_of(st.integers(-5, 10**6), anything),
+                                                'text': st.one_of(st.text(max_size=50), anything)})
 typed_syncs = st.fixed_dictionaries({}, optional={'topics': st.one_of(st.lists(anything, max_size=4), anything),
                                                   'cursors': st.one_of(st.dictionaries(st.sampled_from(TOPICS_SEEN),
                                                                                        anything), anything),
@@ -678,7 +683,7 @@ odd_payloads = st.one_of(
 )
 payloads = st.composite(lambda draw: draw(worker_objects().map(json.dumps).map(str.encode)) if not one_in(draw, 3)
                         else draw(odd_payloads))()
-VERBS = [p.SYNC, p.STARTED, p.RESULT, p.BYE]
+VERBS = [p.SYNC, p.STARTED, p.OUTPUT, p.RESULT, p.BYE]
 verbs = st.one_of(st.sampled_from(VERBS * 3 + [p.CALLS, p.ACK, b'', b'sync', b'RESULT\0', b'SYNC ']),
                   st.binary(max_size=10))
 
@@ -692,7 +697,8 @@ def worker_messages(draw):
     if kind == 4:
         return [p.RESULT, json.dumps(draw(typed_results)).encode()]
     if kind == 5:
-        return [p.SYNC, json.dumps(draw(typed_syncs)).encode()]
+        return [draw(st.sampled_from([p.SYNC, p.OUTPUT])),
+                json.dumps(draw(st.one_of(typed_syncs, typed_outputs))).encode()]
     if kind == 6:
         return [draw(verbs), draw(payloads)]
     return draw(st.lists(st.one_of(verbs, payloads, st.binary(max_size=20)), min_size=0, max_size=5))
@@ -740,8 +746,11 @@ def check_worker_message(rig: BrokerRig, frames: list[bytes]) -> list[logging.Lo
         else:
             assert frames[0] == p.STARTED and row['state'] == 'running', f'{frames[0]!r} changed {key} to {row}'
         # What a worker reported must not break the run's status page (nor /runs, which lists it).
-        reply = rig.get('/job_status', f'run_id={key[0]}')
-        assert reply['status'] == 200, f"GET /job_status answered {reply['status']} after {short(frames)}"
+        for path in ('/job_status', '/job_output', '/chain'):
+            reply = rig.get(path, f'run_id={key[0]}')
+            assert reply['status'] == 200, f"GET {path} answered {reply['status']} after {short(frames)}"
+    reply = rig.get('/job_output', f'run_id={fresh}')    # OUTPUT changes no result, but must not break this
+    assert reply['status'] == 200, f"GET /job_output answered {reply['status']} after {short(frames)}"
     return records
 
 
