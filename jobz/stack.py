@@ -87,6 +87,9 @@ class Stack:
     def spawn(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
         log.info('starting %s', name)
         argv = self.prefix.get(name, []) + list(argv)
+        # A process group of its own: Ctrl-C reaches only us, and we stop each process once, in
+        # order (a worker that got the terminal's SIGINT and then our TERM would stop cold).
+        kw.setdefault('process_group', 0)
         if self.log_dir and 'stdout' not in kw:
             os.makedirs(self.log_dir, exist_ok=True)
             with open(os.path.join(self.log_dir, name + '.log'), 'ab') as out:

@@ -3,10 +3,10 @@ import os
 import re
 
 import pytest
+from playwright import sync_api    # the test extra; a missing install fails here, it is never skipped
 
 from conftest import ROOT, TestStack
 
-sync_api = pytest.importorskip('playwright.sync_api')
 expect = sync_api.expect
 
 CHROMIUM = '/usr/bin/chromium'
