@@ -17,6 +17,7 @@ import urllib.request
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, wait_for
 from hosts import Hosts
@@ -96,7 +97,7 @@ def deployed(tmp_path_factory):
         context = ssl.create_default_context(cafile=f'{pki}/ca.crt')
         context.load_cert_chain(f'{pki}/clients/tester.crt', f'{pki}/clients/tester.key')
         yield {'hosts': hosts, 'url': f'https://{front.addr}:6443', 'context': context,
-               'first': first, 'second': second}
+               'pki': pki, 'first': first, 'second': second}
 
 
 def test_second_deploy_changes_nothing(deployed):
@@ -134,6 +135,26 @@ def test_trigger_runs_on_both_hosts_and_fans_in(deployed):
     assert len(releases) == 1
     release = get(deployed, '/job_status?run_id=' + releases[0])[1]
     assert release['job'] == 'finish' and release['triggered_by'] == 'front-semaphore'
+
+
+def test_what_operators_see_on_the_deployment(deployed):
+    """The status page, /metrics and the jobz command line over HTTPS; logfmt records in journald."""
+    request = urllib.request.Request(deployed['url'] + '/', headers={'Accept': 'text/html'})
+    with urllib.request.urlopen(request, timeout=30, context=deployed['context']) as r:
+        assert r.headers['Content-Type'].startswith('text/html') and r.read().startswith(b'<!doctype html>')
+    with urllib.request.urlopen(deployed['url'] + '/metrics', timeout=30, context=deployed['context']) as r:
+        samples = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+    assert samples['jobz_workers_connected'] >= 3
+    pki = deployed['pki']
+    cli = subprocess.run([sys.executable, '-m', 'jobz.client', '--url', deployed['url'],
+                          '--cert', f'{pki}/clients/tester.crt', '--key', f'{pki}/clients/tester.key',
+                          '--ca', f'{pki}/ca.crt', 'start', 'where', 'tag=t9', '--wait', '--timeout', '60'],
+                         capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr
+    node1 = deployed['hosts']['node1']
+    records = node1.ssh("journalctl -u 'jobz-worker@node1' -o cat --no-pager", check=True).stdout.splitlines()
+    assert any(r.startswith('ts=') and 'who=worker:node1' in r and 'job=where' in r and ' run=' in r
+               for r in records), records[-5:]
 
 
 def test_killed_worker_is_restarted_and_catches_up(deployed):
