@@ -86,10 +86,10 @@ def rss_kib(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
+    """User + system CPU time a process and the children it has waited for (commands) have used so far."""
     with open(f'/proc/{pid}/stat') as f:
         fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    return sum(int(v) for v in fields[11:15]) / os.sysconf('SC_CLK_TCK')
 
 
 def machine() -> str:

@@ -16,7 +16,11 @@ times a worker recorded for each run, and a check that each run succeeded exactl
   trigger sent -> command started (p50, p99), and the HTTP answer time.
 - fan-in: 100 fan_part runs (50 per worker) whose on_success counts at the fan_gate semaphore
   (count 100, one gate per batch), which then triggers fan_done: first trigger sent ->
-  fan_done finished, and last part finished -> fan_done started.
+  fan_done finished, and last part finished -> fan_done started. Median of 5 after one warm-up.
+- CPU per job: user + system time of every process of the stack (Mongrel2, broker, workers
+  with the commands they ran, semaphores; not the benchmark's client) over the throughput runs
+  and the 5 fan-ins, per job (a fan-in part is its job plus its arrival at the gate). Two cores
+  cannot run more than 2000 / (CPU per job in ms) jobs a second: the floor the figures meet.
 - broadcast: 20 more workers on topic bcast (--concurrency 1 each); one trigger of bcast:
   trigger sent -> the last of the 20 commands started. Median of 5 after one warm-up.
 
@@ -33,6 +37,7 @@ import common
 import stacks
 
 FAN_IN = 100
+FAN_INS = 5          # fan-ins measured per round (the median counts; their CPU is added up)
 BROADCAST = 20
 BROADCAST_TRIES = 5
 JOBS_YAML = f"""
@@ -61,6 +66,13 @@ bcast: {{command: "true", topic: bcast}}
 """
 WORKERS = {'w1': 'a,fan_a', 'w2': 'b,fan_b'}
 SEMAPHORES = {'semaphore1': 'noop_a,fan_gate', 'semaphore2': 'noop_b'}
+
+
+def cpu_ms(stack, jobs: int, work) -> tuple:
+    """(what work() returns, CPU ms per job used meanwhile by all of the stack's processes and their commands)."""
+    before = sum(common.cpu_seconds(p.pid) for p in stack.procs.values())
+    result = work()
+    return result, (sum(common.cpu_seconds(p.pid) for p in stack.procs.values()) - before) * 1000 / jobs
 
 
 def throughput(stack, jobs: tuple[str, str], n: int) -> float:
@@ -125,13 +137,16 @@ def measure(tmp: str, args) -> dict[str, float]:
     try:
         stacks.start(stack, WORKERS, SEMAPHORES)
         throughput(stack, ('bench_a', 'bench_b'), 100)    # warm-up: connections, caches
-        out['throughput `true` (jobs/s)'] = throughput(stack, ('bench_a', 'bench_b'), args.n)
-        out['throughput no-op (jobs/s)'] = throughput(stack, ('noop_a', 'noop_b'), args.n)
+        out['throughput `true` (jobs/s)'], out['CPU per job, `true` (ms)'] = cpu_ms(
+            stack, args.n, lambda: throughput(stack, ('bench_a', 'bench_b'), args.n))
+        out['throughput no-op (jobs/s)'], out['CPU per job, no-op (ms)'] = cpu_ms(
+            stack, args.n, lambda: throughput(stack, ('noop_a', 'noop_b'), args.n))
         out.update(latency(stack, args.latency_n, args.rate))
         fan_in(stack, 'warm')
-        done, gap = fan_in(stack, 'measured')
-        out[f'fan-in of {FAN_IN}: submit → follow-up done (ms)'] = done
-        out['fan-in: last job done → follow-up start (ms)'] = gap
+        fans, out['CPU per fan-in part, job + arrival (ms)'] = cpu_ms(
+            stack, FAN_INS * FAN_IN, lambda: [fan_in(stack, f'measured{k}') for k in range(FAN_INS)])
+        out[f'fan-in of {FAN_IN}: submit → follow-up done (ms)'] = statistics.median(f[0] for f in fans)
+        out['fan-in: last job done → follow-up start (ms)'] = statistics.median(f[1] for f in fans)
         out[f'broadcast to {BROADCAST}: trigger → all started (ms)'] = broadcast(stack)
     finally:
         stack.stop_all()

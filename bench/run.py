@@ -111,6 +111,29 @@ def targets(jobz: dict, peer: dict, fronts: dict, grown: dict, args) -> list[str
         for what, value, unit, met in checks]
 
 
+def cpu_floor(jobz: dict, peer: dict) -> list[str]:
+    """What two cores allow, from the CPU every job took (all processes and commands, medians)."""
+    job, noop, part = (jobz[m][0] for m in ('CPU per job, `true` (ms)', 'CPU per job, no-op (ms)',
+                                            'CPU per fan-in part, job + arrival (ms)'))
+    raw = 2000 / peer['raw subprocess `/bin/sh -c true`, 2 procs (jobs/s)'][0]    # ms of CPU per spawn
+    celery = peer[f'{CELERY} throughput (jobs/s)'][0]
+    chord = peer['Celery chord of 100: submit → callback done (ms)'][0]
+    bound = 2000 / job
+    rows = [
+        ('CPU per job, `true`: all of jobz and the command (ms)', job),
+        ('… of which spawning `/bin/sh -c true` (the raw limit, ms)', raw),
+        ('CPU per job, no-op (ms)', noop),
+        ('throughput bound on 2 cores: 2000 / CPU per job (jobs/s)', bound),
+        ('… ÷ raw limit, ÷ Celery', f'{bound * raw / 2000:.2f}, {bound / celery:.2f}'),
+        ('fan-in of 100 bound, perfectly batched: 100 × (job + no-op) / 2 cores (ms)', 100 * (job + noop) / 2),
+        ('CPU per fan-in part, as measured: job + arrival (ms)', part),
+        ('fan-in of 100 on 2 cores at that CPU: 100 × part / 2 (ms)', 100 * part / 2),
+        ('½ of the Celery chord (ms)', chord / 2),
+    ]
+    return ['| measure | value |', '|---|---:|'] + [
+        f'| {what} | {value if isinstance(value, str) else common.fmt(value)} |' for what, value in rows]
+
+
 def versions() -> str:
     m2 = subprocess.run(['dpkg-query', '-W', '-f', '${Version}', 'mongrel2-core'], capture_output=True, text=True)
     return (f'jobz at {git_head()}; Mongrel2 {m2.stdout or "?"}; SQLite {sqlite3.sqlite_version}; '
@@ -142,6 +165,7 @@ def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, elapsed)
         '## Front end: HTTP requests per second through Mongrel2 (wrk)', '',
         f'wrk -t 2 -c {args.connections} -d {args.duration}s on loopback.', '', common.table(front_rounds), '',
         '## Cost of growth (one run)', '', common.table([grown]), '',
+        '## Where the time goes: CPU per job', '', *cpu_floor(jobz, peer), '',
         '## Latency floor: the parts of the path, alone (one run)', '',
         'floor = bare round trip / 2 + commit + ZeroMQ hop + commit: a trigger crosses Mongrel2 into the '
         'broker, which commits before it publishes; the worker commits "started" before it spawns.', '',

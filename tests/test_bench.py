@@ -14,6 +14,7 @@ def test_dispatch_benchmark_runs_and_reports_every_measure():
     assert got.returncode == 0, got.stderr[-3000:]
     rows = dict(re.findall(r'^\| (.+?) \| ([\d,.]+) \|', got.stdout, re.M))
     for measure in ('throughput `true` (jobs/s)', 'throughput no-op (jobs/s)', 'trigger → command start p50 (ms)',
-                    'fan-in of 100: submit → follow-up done (ms)', 'broadcast to 20: trigger → all started (ms)'):
+                    'fan-in of 100: submit → follow-up done (ms)', 'broadcast to 20: trigger → all started (ms)',
+                    'CPU per job, `true` (ms)', 'CPU per fan-in part, job + arrival (ms)'):
         assert float(rows[measure].replace(',', '')) > 0, got.stdout
     assert 'warning/error line' not in got.stdout, got.stdout
