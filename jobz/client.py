@@ -227,8 +227,9 @@ def cmd_logs(api: Api, args) -> int:
         if out is None and workers:     # a run's workers are known from its first answer on
             out = Output(several=len(workers) > 1)
         for name, w in workers.items():
-            if w['dropped'] > w['offset']:
-                print(f"jobz: {name}: {w['dropped'] - w['offset']} characters of output were not kept",
+            skipped = w['offset'] - offsets.get(name, 0)    # the answer starts later when the start was dropped
+            if skipped > 0:
+                print(f"jobz: {name}: {skipped} characters of output were not kept (the worker's --output-max)",
                       file=sys.stderr)
             offsets[name] = w['next']
             if not args.json:

@@ -29,6 +29,9 @@ steps:
   timeout: 60
 both:
   command: "echo from $JOBZ_WORKER"
+bigboth:
+  command: "seq 1 100"
+  topic: both
 """
 
 
@@ -51,7 +54,9 @@ def stack(pki, tmp_path_factory):
     s = TestStack(str(tmp_path_factory.mktemp('cli')), JOBS, tls=pki['ca'], tls_port=free_port(),
                   clients=pki['clients'])
     try:
-        s.start(workers=['w1', ('w2', ['--topics', 'both'])], semaphore=False)
+        # w2 keeps only the last 20 characters of a run's output
+        s.start(workers=['w1', ('w2', ['--topics', 'both', '--output-max', '20', '--output-tail', '20'])],
+                semaphore=False)
         yield s
     finally:
         s.stop_all()
@@ -259,6 +264,16 @@ def test_logs_heads_each_workers_output(stack):
     assert r.stdout == '==> w1 <==\nfrom w1\n\n==> w2 <==\nfrom w2\n'
     r = jobz(stack, 'logs', run_id, '--worker', 'w2')
     assert r.stdout == 'from w2\n'
+
+
+def test_logs_says_when_the_start_of_the_output_was_not_kept(stack):
+    run_id = start(stack, 'bigboth')
+    stack.wait_run(run_id)
+    full = ''.join(f'{i}\n' for i in range(1, 101))
+    r = jobz(stack, 'logs', run_id, '--worker', 'w2')
+    assert (r.returncode, r.stdout) == (0, full[-20:])
+    assert f'w2: {len(full) - 20} characters of output were not kept' in r.stderr
+    assert jobz(stack, 'logs', run_id, '--worker', 'w1').stdout == full
 
 
 def test_logs_follow_prints_output_as_it_comes(stack, running):
