@@ -16,10 +16,11 @@ times a worker recorded for each run, and a check that each run succeeded exactl
   trigger sent -> command started (p50, p99), and the HTTP answer time.
 - fan-in: 100 fan_part runs (50 per worker) whose on_success counts at the fan_gate semaphore
   (count 100, one gate per batch), which then triggers fan_done: first trigger sent ->
-  fan_done finished, and last part finished -> fan_done started. Median of 5 after one warm-up.
+  fan_done finished, and last part finished -> fan_done started. Median of --fan-ins (5) after a
+  warm-up.
 - CPU per job: user + system time of every process of the stack (Mongrel2, broker, workers
   with the commands they ran, semaphores; not the benchmark's client) over the throughput runs
-  and the 5 fan-ins, per job (a fan-in part is its job plus its arrival at the gate). Two cores
+  and the fan-ins, per job (a fan-in part is its job plus its arrival at the gate). Two cores
   cannot run more than 2000 / (CPU per job in ms) jobs a second: the floor the figures meet.
 - broadcast: 20 more workers on topic bcast (--concurrency 1 each); one trigger of bcast:
   trigger sent -> the last of the 20 commands started. Median of 5 after one warm-up.
@@ -37,7 +38,6 @@ import common
 import stacks
 
 FAN_IN = 100
-FAN_INS = 5          # fan-ins measured per round (the median counts; their CPU is added up)
 BROADCAST = 20
 BROADCAST_TRIES = 5
 JOBS_YAML = f"""
@@ -144,7 +144,7 @@ def measure(tmp: str, args) -> dict[str, float]:
         out.update(latency(stack, args.latency_n, args.rate))
         fan_in(stack, 'warm')
         fans, out['CPU per fan-in part, job + arrival (ms)'] = cpu_ms(
-            stack, FAN_INS * FAN_IN, lambda: [fan_in(stack, f'measured{k}') for k in range(FAN_INS)])
+            stack, args.fan_ins * FAN_IN, lambda: [fan_in(stack, f'measured{k}') for k in range(args.fan_ins)])
         out[f'fan-in of {FAN_IN}: submit → follow-up done (ms)'] = statistics.median(f[0] for f in fans)
         out['fan-in: last job done → follow-up start (ms)'] = statistics.median(f[1] for f in fans)
         out[f'broadcast to {BROADCAST}: trigger → all started (ms)'] = broadcast(stack)
@@ -160,6 +160,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument('--log-level', default='warning', choices=('info', 'warning'),
                     help="jobz's log level, as JOBZ_LOG_LEVEL for every process (default: warning, the "
                          "level the peers run at; jobz's own default, info, writes a line per run)")
+    ap.add_argument('--fan-ins', type=int, default=5,
+                    help='fan-ins measured per round: the median counts, their CPU is added up (default: 5)')
     ap.add_argument('--concurrency', type=int, default=4,
                     help='commands at once per worker (default: 4; a worker on its own defaults to the CPU count)')
 

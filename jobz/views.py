@@ -55,6 +55,9 @@ class Gates:
         counted = [a for a in arrivals if a['state'] == 'succeeded']    # the semaphore's answer: counted
         need = count if count != 'all' else len(self.journal.workers_of(value)) if value else 0
         released = self.journal.run_by_key(f'semaphore.{job.name}.{value}')
+        arrived = len(counted)
+        if released:    # released means `need` were counted, even if some counts are not reported yet
+            arrived = max(arrived, need)
         came = {a['parent'] for a in arrivals}
         waiting = []
         if count == 'all':
@@ -71,12 +74,12 @@ class Gates:
                             if r['state'] in ('pending', 'running')]
                 waiting += [r for r in runs if r['run_id'] not in came]
         return {'id': f'{job.name}:{value}', 'job': job.name, 'key': key, 'value': value,
-                'need': need, 'arrived': len(counted), 'released': released,
+                'need': need, 'arrived': arrived, 'released': released,
                 'arrivals': [{'run_id': a['run_id'], 'from': a['parent'],
                               'from_job': self._job_of(a['parent'])} for a in arrivals],
                 'waiting': [{'run_id': w['run_id'], 'job': w['job'], 'state': w['state']}
                             for w in waiting[:MAX_CHAIN]],
-                'missing': max(0, need - len(counted))}
+                'missing': max(0, need - arrived)}
 
     def _job_of(self, run_id: str | None) -> str | None:
         s = self.journal.summaries('r.run_id = ?', (run_id,), 1) if run_id else []

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 def test_dispatch_benchmark_runs_and_reports_every_measure():
     got = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'dispatch.py'), '--n', '60',
-                          '--latency-n', '10', '--rate', '100', '--repeat', '1'],
+                          '--latency-n', '10', '--rate', '100', '--repeat', '1', '--fan-ins', '1'],
                          capture_output=True, text=True, timeout=110)
     assert got.returncode == 0, got.stderr[-3000:]
     rows = dict(re.findall(r'^\| (.+?) \| ([\d,.]+) \|', got.stdout, re.M))
