@@ -271,15 +271,10 @@ def main(argv=None) -> int:
             print(f'kept {tmp}', file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f'Journal {args.base:,} → {args.runs:,} runs (fill by wrk -c {args.fill_connections}), '
-          f'{args.paced} paced triggers at {args.paced_rate:g}/s per level; catch-up of {args.catchup:,} '
-          f'calls; {len(rounds)} round(s), workers --concurrency 2\n')
-    print(common.table(rounds))
-    print('\n' + common.machine())
-    print('\nTargets:\n' + '\n'.join(f'- {line}' for line in verdicts(rounds, args)))
-    if problems:
-        print(f'\n{len(problems)} warning/error line(s) in the stack logs, first ones:')
-        print('\n'.join(problems[:10]))
+    common.print_report(f'Journal {args.base:,} → {args.runs:,} runs (fill by wrk -c {args.fill_connections}), '
+                        f'{args.paced} paced triggers at {args.paced_rate:g}/s per level; catch-up of '
+                        f'{args.catchup:,} calls; {len(rounds)} round(s), workers --concurrency 2', rounds, problems,
+                        footer=['\nTargets:\n' + '\n'.join(f'- {line}' for line in verdicts(rounds, args))])
     return 0
 
 

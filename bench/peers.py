@@ -435,16 +435,10 @@ def main(argv=None) -> int:
         problems = common.log_problems(tmp, PROBLEMS, NOISE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f'Peers: N={args.n} jobs for throughput, {args.latency_n} paced at {args.rate:g}/s, '
-          f'{len(rounds)} round(s), 2 worker processes (broadcast: {args.broadcast_workers}), '
-          f'shell job = subprocess.run(["true"]), loopback\n')
-    print(common.table(rounds))
-    print('\n' + common.machine())
-    print(versions())
-    print(f'Run time: {time.monotonic() - began:.0f} s')
-    if problems:
-        print(f'\n{len(problems)} warning/error line(s) in the worker logs, first ones:')
-        print('\n'.join(problems[:10]))
+    common.print_report(f'Peers: N={args.n} jobs for throughput, {args.latency_n} paced at {args.rate:g}/s, '
+                        f'{len(rounds)} round(s), 2 worker processes (broadcast: {args.broadcast_workers}), '
+                        f'shell job = subprocess.run(["true"]), loopback', rounds, problems,
+                        footer=[versions(), f'Run time: {time.monotonic() - began:.0f} s'])
     return 0
 
 

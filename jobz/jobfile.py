@@ -272,6 +272,11 @@ def render_url(template: str, values: dict, base: str) -> str:
     return url
 
 
+def release_key(job: str, gate: str) -> str:
+    """The idempotency key of a semaphore's release: deterministic, so a gate never releases twice."""
+    return f'semaphore.{job}.{gate}'
+
+
 def link_url(url: str, parent: str, key: str) -> str:
     """A handler URL that names the run it came from and carries an idempotency key.
 

@@ -130,6 +130,9 @@ class Journal:
         return [r[0] for r in self.db.execute('SELECT worker FROM results WHERE run_id = ? ORDER BY worker',
                                               (run_id,))]
 
+    def run_row(self, run_id: str) -> sqlite3.Row | None:
+        return self.db.execute('SELECT * FROM runs WHERE run_id = ?', (run_id,)).fetchone()
+
     def topic_of(self, run_id: str) -> str | None:
         row = self.db.execute('SELECT topic FROM runs WHERE run_id = ?', (run_id,)).fetchone()
         return row[0] if row else None

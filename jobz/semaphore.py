@@ -4,7 +4,7 @@ import time
 
 from .agent import Agent
 from .cli import about
-from .jobfile import Job, link_url, render_url
+from .jobfile import Job, link_url, release_key, render_url
 
 log = logging.getLogger('jobz.semaphore')
 
@@ -100,4 +100,4 @@ class Semaphore:
                       extra=about(run_id, job.name))
             return []
         # Deterministic key: a restarted semaphore can never release the same gate twice.
-        return [link_url(url, run_id, f'semaphore.{job.name}.{gate}')]
+        return [link_url(url, run_id, release_key(job.name, gate))]

@@ -1,11 +1,12 @@
 """What the broker shows besides single runs: chains with their fan-in gates, and the status page."""
 import base64
 import hashlib
+import itertools
 import os
 import re
 from urllib.parse import parse_qsl, urlsplit
 
-from .jobfile import Job
+from .jobfile import Job, release_key
 from .journal import Journal
 
 MAX_CHAIN = 300    # runs in one chain answer; a bigger one is cut (and says so)
@@ -54,7 +55,7 @@ class Gates:
         arrivals = self.arrivals(job, value)
         counted = [a for a in arrivals if a['state'] == 'succeeded']    # the semaphore's answer: counted
         need = count if count != 'all' else len(self.journal.workers_of(value)) if value else 0
-        released = self.journal.run_by_key(f'semaphore.{job.name}.{value}')
+        released = self.journal.run_by_key(release_key(job.name, value))
         arrived = len(counted)
         if released:    # released means `need` were counted, even if some counts are not reported yet
             arrived = max(arrived, need)
@@ -82,53 +83,44 @@ class Gates:
                 'missing': max(0, need - arrived)}
 
     def _job_of(self, run_id: str | None) -> str | None:
-        s = self.journal.summaries('r.run_id = ?', (run_id,), 1) if run_id else []
-        return s[0]['job'] if s else None
+        row = self.journal.run_row(run_id) if run_id else None
+        return row['job'] if row else None
+
+    def seen(self, job_name: str | None = None):
+        """(semaphore job, gate value, released?) of the gates in the journal's last arrivals, newest first."""
+        names = [n for n, j in self.jobs.items() if j.semaphore and job_name in (None, n)]
+        found = self.journal.summaries('r.job IN (%s)' % ','.join('?' * len(names)), tuple(names), 5000) \
+            if names else []
+        done = set()
+        for run in found:
+            job = self.jobs[run['job']]
+            value = self.value_of(job, run)
+            if (job.name, value) not in done:
+                done.add((job.name, value))
+                yield job, value, self.journal.run_by_key(release_key(job.name, value)) is not None
 
     def all(self, job_name: str | None = None, open_only: bool = False) -> list[dict]:
         """Gates seen in the journal, newest first."""
-        seen, out = set(), []
-        for run in self.journal.summaries(
-                'r.job IN (%s)' % ','.join('?' * len(self.semaphores(job_name))),
-                tuple(self.semaphores(job_name)), 5000):
-            job = self.jobs[run['job']]
-            value = self.value_of(job, run)
-            if (job.name, value) in seen:
-                continue
-            seen.add((job.name, value))
-            if open_only and self.journal.run_by_key(f'semaphore.{job.name}.{value}'):
-                continue
-            out.append(self.gate(job, value))
-            if len(out) >= MAX_GATES:
-                break
-        return out
-
-    def semaphores(self, job_name: str | None) -> list[str]:
-        return [n for n, j in self.jobs.items() if j.semaphore and (job_name is None or n == job_name)]
+        wanted = ((job, value) for job, value, released in self.seen(job_name) if not (open_only and released))
+        return [self.gate(job, value) for job, value in itertools.islice(wanted, MAX_GATES)]
 
     def open_counts(self) -> dict[str, int]:
         """Gates with arrivals and no release yet, per semaphore job (for /metrics)."""
-        counts = {name: 0 for name in self.semaphores(None)}
-        seen = set()
-        for run in self.journal.summaries(
-                'r.job IN (%s)' % ','.join('?' * len(counts)), tuple(counts), 5000) if counts else []:
-            value = self.value_of(self.jobs[run['job']], run)
-            if (run['job'], value) not in seen:
-                seen.add((run['job'], value))
-                if not self.journal.run_by_key(f"semaphore.{run['job']}.{value}"):
-                    counts[run['job']] += 1
+        counts = {name: 0 for name, job in self.jobs.items() if job.semaphore}
+        for job, _, released in self.seen():
+            counts[job.name] += not released
         return counts
 
     def chain(self, run_id: str) -> dict | None:
         """The runs linked to `run_id` (ancestors, descendants, and everything through its gates)."""
         if not self.journal.exists(run_id):
             return None
-        root, hops = run_id, 0
-        while hops < MAX_CHAIN:
-            parent = self.journal.summaries('r.run_id = ?', (root,), 1)[0]['parent']
+        root = run_id
+        for _ in range(MAX_CHAIN):
+            parent = self.journal.run_row(root)['parent']
             if not parent or not self.journal.exists(parent):
                 break
-            root, hops = parent, hops + 1
+            root = parent
         runs, gates, todo = {}, {}, [root, run_id]
         while todo and len(runs) < MAX_CHAIN:
             rid = todo.pop(0)

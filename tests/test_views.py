@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -193,7 +194,6 @@ def test_log_records_are_one_line_each_and_name_the_run(stack):
 def test_the_page_for_browsers_and_json_for_the_rest(stack):
     status, body = stack.get('/', headers={'Accept': 'text/html,application/xhtml+xml'})
     assert status == 200 and body.startswith(b'<!doctype html>')
-    import urllib.request
     with urllib.request.urlopen(urllib.request.Request(stack.url + '/', headers={'Accept': 'text/html'})) as r:
         csp = r.headers['Content-Security-Policy']
         assert r.headers['Content-Type'].startswith('text/html')
