@@ -9,10 +9,10 @@ import zmq
 
 from jobz import defaults
 from jobz.broker import Broker
-from jobz.cli import Parser, check_curve, load_or_exit, setup_logging
+from jobz.cli import Parser, check_curve, home_or_exit, is_loopback, load_or_exit, setup_logging
 from jobz.curve import Enrolled
-from jobz.tls import ClientCerts
 from jobz.journal import Journal
+from jobz.tls import ClientCerts
 
 log = logging.getLogger('jobz.broker')
 
@@ -36,6 +36,9 @@ def parse_args(argv=None):
               help='recv_spec of the TLS front end')
     ap.option('--clients', env='JOBZ_CLIENTS', default=None, shown='any certificate from the CA',
               help='folder of client certificates (NAME.crt) allowed on the TLS front end; re-read when it changes')
+    ap.option('--hostnames', env='JOBZ_HOSTNAMES', default=defaults.HOSTNAMES,
+              help="comma-separated host names clients may call us by (the Host header); others get 403, so a "
+                   "DNS-rebinding page cannot read the API; '*': any")
     ap.option('--worker-timeout', env='JOBZ_WORKER_TIMEOUT', default=30.0, type=float,
               help='seconds without a heartbeat before a worker is no longer expected for new runs')
     ap.option('--max-body', env='JOBZ_MAX_BODY', default=65536, type=int,
@@ -49,9 +52,18 @@ def parse_args(argv=None):
                    'workers must authenticate and all traffic is encrypted')
     ap.option('--enrolled', env='JOBZ_ENROLLED', default=None,
               help='folder of enrolled worker public keys (NAME.key), re-read when it changes')
+    ap.flag('--insecure', env='JOBZ_INSECURE',
+            help='allow --pub/--router on an address beyond loopback without CURVE: anyone who reaches them '
+                 'can then read every call and forge results')
     ap.logging_options()
     args = ap.parse_args(argv)
     check_curve(ap, args.curve_secret, args.enrolled, '--enrolled')
+    if not args.curve_secret and not args.insecure:
+        for flag, addr in (('--pub', args.pub), ('--router', args.router)):
+            if not is_loopback(addr):
+                ap.error(f'{flag} {addr}: an address beyond loopback needs CURVE (--curve-secret and --enrolled): '
+                         'without it anyone who reaches the port reads every call and can forge results. '
+                         'Add --insecure (JOBZ_INSECURE=1) only on a network you trust entirely')
     if bool(args.m2_tls_recv) != bool(args.m2_tls_send):
         ap.error('--m2-tls-recv and --m2-tls-send go together')
     if args.clients and not os.path.isdir(args.clients):
@@ -63,7 +75,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args, 'broker')
     jobs = load_or_exit(args.jobs, log)     # validate everything before binding a socket
-    os.makedirs(args.home, exist_ok=True)
+    home_or_exit(args.home)
     ctx = zmq.Context()
     broker = Broker(jobs, Journal(os.path.join(args.home, 'journal.db')), ctx,
                     m2_recv=args.m2_recv, m2_send=args.m2_send, m2_ident=args.m2_ident,
@@ -71,7 +83,7 @@ def main(argv=None) -> int:
                     max_body=args.max_body, keep_days=args.keep_days, pub_hwm=args.pub_hwm,
                     curve_secret=args.curve_secret, enrolled=Enrolled(args.enrolled) if args.enrolled else None,
                     m2_tls_recv=args.m2_tls_recv, m2_tls_send=args.m2_tls_send,
-                    clients=ClientCerts(args.clients) if args.clients else None)
+                    clients=ClientCerts(args.clients) if args.clients else None, hostnames=args.hostnames)
 
     def stop(signum, frame):
         broker.stopping = True    # only a flag: the loop finishes its burst and leaves

@@ -9,7 +9,7 @@ import zmq
 
 from jobz import defaults
 from jobz.agent import Agent
-from jobz.cli import Parser, load_or_exit, setup_logging
+from jobz.cli import Parser, home_or_exit, load_or_exit, setup_logging
 from jobz.semaphore import Semaphore
 from jobz.tls import client_context
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     topics = sorted({t.strip() for t in (args.topics or '').split(',') if t.strip()}) or ours
     if set(topics) - set(ours):
         sys.exit(f'error: --topics: no semaphore job has topic {", ".join(sorted(set(topics) - set(ours)))}')
-    os.makedirs(args.home, exist_ok=True)
+    home_or_exit(args.home)
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'semaphore-{args.name}.db'), sync_interval=args.sync_interval,

@@ -9,7 +9,7 @@ import zmq
 
 from jobz import defaults
 from jobz.agent import Agent
-from jobz.cli import Parser, load_or_exit, setup_logging
+from jobz.cli import Parser, home_or_exit, load_or_exit, setup_logging
 from jobz.jobfile import NAME_RE
 from jobz.worker import Worker
 from jobz.tls import client_context
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     bad = [t for t in topics if not NAME_RE.match(t)]
     if bad or not topics:
         sys.exit(f'error: no usable topics ({", ".join(bad) or "the job files define no command jobs"})')
-    os.makedirs(args.home, exist_ok=True)
+    home_or_exit(args.home)
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'worker-{args.name}.db'), sync_interval=args.sync_interval,

@@ -9,9 +9,9 @@ times a worker recorded for each run, and a check that each run succeeded exactl
 - throughput: --n triggers alternating bench_a (topic a, w1) and bench_b (topic b, w2), each
   running the shell command `true`, sent over 32 keep-alive connections; jobs/s =
   n / (last command finished - first trigger sent).
-- no-op throughput: the same with noop_a / noop_b, semaphore jobs counted by semaphore1 and
-  semaphore2 (one topic each): the same path (trigger, journal, publish, take, record durably,
-  report, acknowledge) without a process spawned.
+- no-op throughput: the same with noop_a / noop_b, jobs that expire a microsecond after their
+  trigger: the same path (trigger, journal, publish, take, record durably, report `expired`,
+  acknowledge) without a process spawned.
 - latency: --latency-n triggers of bench_a/bench_b paced at --rate/s from one connection:
   trigger sent -> command started (p50, p99), and the HTTP answer time.
 - fan-in: 100 fan_part runs (50 per worker) whose on_success counts at the fan_gate semaphore
@@ -43,8 +43,8 @@ BROADCAST_TRIES = 5
 JOBS_YAML = f"""
 bench_a: {{command: "true", topic: a}}
 bench_b: {{command: "true", topic: b}}
-noop_a: {{semaphore: {{count: 1000000000}}, topic: noop_a}}
-noop_b: {{semaphore: {{count: 1000000000}}, topic: noop_b}}
+noop_a: {{command: "true", topic: noop_a, expires: 0.000001}}
+noop_b: {{command: "true", topic: noop_b, expires: 0.000001}}
 fan_part_a:
   command: "true"
   topic: fan_a
@@ -64,8 +64,8 @@ fan_done:
   params: {{batch: '\\w+'}}
 bcast: {{command: "true", topic: bcast}}
 """
-WORKERS = {'w1': 'a,fan_a', 'w2': 'b,fan_b'}
-SEMAPHORES = {'semaphore1': 'noop_a,fan_gate', 'semaphore2': 'noop_b'}
+WORKERS = {'w1': 'a,fan_a,noop_a', 'w2': 'b,fan_b,noop_b'}
+SEMAPHORES = {'semaphore1': 'fan_gate'}
 
 
 def cpu_ms(stack, jobs: int, work) -> tuple:
@@ -75,10 +75,10 @@ def cpu_ms(stack, jobs: int, work) -> tuple:
     return result, (sum(common.cpu_seconds(p.pid) for p in stack.procs.values()) - before) * 1000 / jobs
 
 
-def throughput(stack, jobs: tuple[str, str], n: int) -> float:
+def throughput(stack, jobs: tuple[str, str], n: int, state: str = 'succeeded') -> float:
     """n triggers alternating the two jobs as fast as the front end takes them; jobs/s end to end."""
     sent = stacks.blast(stack.port, [f'job_name={jobs[i % 2]}' for i in range(n)])
-    results = stacks.wait_final(stacks.journal(stack), sent, stack.procs.values(), max(60.0, n / 20))
+    results = stacks.wait_final(stacks.journal(stack), sent, stack.procs.values(), max(60.0, n / 20), state=state)
     return n / (max(r[0][2] for r in results.values()) - min(sent.values()))
 
 
@@ -140,7 +140,7 @@ def measure(tmp: str, args) -> dict[str, float]:
         out['throughput `true` (jobs/s)'], out['CPU per job, `true` (ms)'] = cpu_ms(
             stack, args.n, lambda: throughput(stack, ('bench_a', 'bench_b'), args.n))
         out['throughput no-op (jobs/s)'], out['CPU per job, no-op (ms)'] = cpu_ms(
-            stack, args.n, lambda: throughput(stack, ('noop_a', 'noop_b'), args.n))
+            stack, args.n, lambda: throughput(stack, ('noop_a', 'noop_b'), args.n, 'expired'))
         out.update(latency(stack, args.latency_n, args.rate))
         fan_in(stack, 'warm')
         fans, out['CPU per fan-in part, job + arrival (ms)'] = cpu_ms(

@@ -114,7 +114,7 @@ def blast(port: int, queries: list[str], connections: int = 32) -> dict[str, flo
         def send(conn: socket.socket) -> None:
             query = todo.pop()
             pending[conn] = (pending.get(conn, (b'', 0.0))[0], time.time())
-            conn.sendall(f'GET /job_start?{query} HTTP/1.1\r\nHost: bench\r\n\r\n'.encode())
+            conn.sendall(f'GET /job_start?{query} HTTP/1.1\r\nHost: localhost\r\n\r\n'.encode())
 
         conns = [socket.create_connection(('127.0.0.1', port)) for _ in range(min(connections, len(todo)))]
         try:
@@ -228,10 +228,10 @@ def settled_runs(path: str, job: str | None = None) -> int:
 
 
 def wait_final(path: str, run_ids, procs, timeout: float, worker: str | None = None,
-               per_run: int = 1) -> dict[str, list[tuple]]:
+               per_run: int = 1, state: str = 'succeeded') -> dict[str, list[tuple]]:
     """Wait until every run has its final results; return run_id -> [(worker, started, finished)].
 
-    Raises unless each run has exactly `per_run` result rows (of `worker`, if given), all succeeded."""
+    Raises unless each run has exactly `per_run` result rows (of `worker`, if given), all in `state`."""
     wanted = set(run_ids)
 
     def rows():
@@ -244,10 +244,10 @@ def wait_final(path: str, run_ids, procs, timeout: float, worker: str | None = N
         return mine if sum(r[2] in FINAL for r in mine) >= per_run * len(wanted) else None
 
     mine = common.wait_until(all_final, f'final results of {len(wanted)} runs', procs, timeout, every=0.01)
-    ok = [r for r in mine if r[2] == 'succeeded' and worker in (None, r[1])]
+    ok = [r for r in mine if r[2] == state and worker in (None, r[1])]
     if len(mine) != per_run * len(wanted) or len(ok) != len(mine) or {r[0] for r in ok} != wanted:
         states = {s: sum(r[2] == s for r in mine) for s in {r[2] for r in mine}}
-        raise RuntimeError(f'expected {len(wanted)} runs to succeed {per_run} time(s) each'
+        raise RuntimeError(f'expected {len(wanted)} runs to end {state} {per_run} time(s) each'
                            f'{" on " + worker if worker else ""}; the journal has {len(mine)} result rows, '
                            f'{len(ok)} good; states {states}')
     out: dict[str, list[tuple]] = {}

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import random
+import secrets
 import sqlite3
 import threading
 import time
@@ -25,6 +26,7 @@ import zmq
 
 from . import protocol as p
 from .curve import make_client
+from .files import private_file
 
 log = logging.getLogger('jobz.agent')
 
@@ -108,7 +110,7 @@ class Agent:
         self.silent = False
         self.reconnect_due = float('inf')   # while silent: when to drop and rebuild the sockets
         self.prune_due = self.outbox_due = self.http_due = 0.0    # monotonic times of clock work
-        self.db = sqlite3.connect(db_path, isolation_level=None)
+        self.db = sqlite3.connect(private_file(db_path), isolation_level=None)
         self.db.execute('PRAGMA journal_mode=WAL')
         self.db.execute('PRAGMA synchronous=FULL')
         self.db.executescript(SCHEMA)
@@ -135,7 +137,10 @@ class Agent:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.rcvhwm = self.rcvhwm       # past it live calls drop; the gap triggers a SYNC
         self.dealer = self.ctx.socket(zmq.DEALER)
-        self.dealer.routing_id = self.name.encode()
+        # NAME/RANDOM: the broker reads our name from it, and under CURVE checks it against our key.
+        # The random part, sent only inside the encrypted handshake, keeps another peer from taking
+        # over our connection at the broker by claiming the same routing id.
+        self.dealer.routing_id = self.name.encode() + b'/' + secrets.token_hex(16).encode()
         self.dealer.sndhwm = 10000
         for sock in (self.sub, self.dealer):
             sock.linger = 0

@@ -3,17 +3,18 @@ import json
 import logging
 import secrets
 import time
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import zmq
 
-from . import protocol as p
+from . import defaults, protocol as p
+from .access import Access, NotYet
 from .cli import about
 from .jobfile import NAME_RE, Job, ParamError, prepare_params
 from .journal import Journal
 from .curve import PUB_DOMAIN, ROUTER_DOMAIN, Enrolled, make_server, start_authenticator
 from .tls import ClientCerts
-from .m2 import BadMessage, Connection, Request
+from .m2 import BadMessage, Connection, HttpError, Request
 from .metrics import Exposition, Histogram
 from .views import Gates, Page
 
@@ -21,6 +22,9 @@ log = logging.getLogger('jobz.broker')
 
 MAX_WAIT = 3600.0
 MAX_WAITERS = 1000   # wait= requests held at once
+MAX_WAITERS_PER_CLIENT = 100    # ... of them from one client (certificate name, or plain:ADDRESS)
+PARK_FOR = 5.0           # seconds a handler call may wait for the result of its run to arrive
+KEEP_ALIVE_EVERY = 3.0   # seconds between Mongrel2 keep-alives for held wait= requests (its min_ping is 10)
 MAX_MESSAGE = 8 << 20   # bytes of one message from a worker or from Mongrel2; larger: dropped by ZeroMQ
                         # (a result carries up to 1 Mi characters of output, which JSON may escape)
 BATCH = 256          # messages handled per commit: one fsync carries a whole burst
@@ -40,13 +44,6 @@ ROUTES = {           # path -> allowed methods
     '/gates': ('GET', 'HEAD'),
     '/metrics': ('GET', 'HEAD'),
 }
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, **extra):
-        super().__init__(message)
-        self.status = status
-        self.extra = extra
 
 
 class Raw:
@@ -74,7 +71,7 @@ class Broker:
                  clients: ClientCerts | None = None,
                  worker_timeout: float = 30.0, max_body: int = 65536, keep_days: float = 30.0,
                  pub_hwm: int = 10000, curve_secret: str | None = None,
-                 enrolled: Enrolled | None = None):
+                 enrolled: Enrolled | None = None, hostnames: str = defaults.HOSTNAMES):
         self.jobs = jobs
         self.journal = journal
         self.worker_timeout = worker_timeout
@@ -95,21 +92,30 @@ class Broker:
             tls.tls = True
             self.fronts.append(tls)
         self.clients = clients
+        # Host names served ('*': any). A browser on another site that rebinds its own name to our
+        # address sends that name: refused, so it cannot read our answers.
+        self.hostnames = {h.strip().lower().strip('[]') for h in hostnames.split(',') if h.strip()}
+        self.access = Access(jobs, journal, clients, self.agent_topics)
         self.pub = self._bind_pub()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted worker takes over its name
+        # A worker that reconnects takes over its routing id (NAME/RANDOM: nobody else knows it).
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.maxmsgsize = MAX_MESSAGE
         self.router.rcvhwm = 10000
         self._secure(self.router, ROUTER_DOMAIN)
         self.router.bind(router)
-        self.workers: dict[str, dict] = {}   # name -> {'topics', 'seen', 'seen_at', 'cursors', 'running', 'saved'}
+        # name -> {'topics', 'seen', 'seen_at', 'cursors', 'running', 'saved', 'ident'}; 'ident' is the
+        # routing id of the connection its last SYNC came on (under CURVE: with its key).
+        self.workers: dict[str, dict] = {}
         for name, topics, cursors, last_seen in journal.load_workers():
             # Back from the registry: a worker seen just before a restart is still expected.
             self.workers[name] = {'topics': set(topics), 'cursors': cursors, 'seen_at': last_seen,
                                   'seen': time.monotonic() - (time.time() - last_seen), 'running': 0,
-                                  'saved': time.monotonic()}
+                                  'saved': time.monotonic(), 'ident': None}
         self.waiters: dict[str, list] = {}   # run_id -> [(request, deadline)]
+        self.keep_alive_due = 0.0
+        self.parked: list[tuple[str, Request, float]] = []    # (run_id, handler call, until): see handle()
         self.new_waits: list = []            # waits of this burst, kept only if it commits
         # Worker reports written but not yet committed: their ACKs and the runs they touched wait
         # for the commit, which comes at the next HTTP answer or COMMIT_DELAY after the first.
@@ -155,8 +161,10 @@ class Broker:
         self.pub.send_multipart([p.topic_frame(call['topic']), payload])
         if self.enrolled:
             for name in self.expected_workers(call['topic']):
-                if self.enrolled.allowed_topics(name) is not None:    # kept off PUB by ZAP
-                    self.router.send_multipart([name.encode(), p.CALL, payload])
+                ident = self.workers[name]['ident']
+                if ident and self.enrolled.allowed_topics(name) is not None:    # kept off PUB by ZAP
+                    # To the connection that proved it holds that worker's key, never to a name.
+                    self.router.send_multipart([ident, p.CALL, payload])
 
     # -- the loop ---------------------------------------------------------
     def run(self) -> None:
@@ -182,10 +190,16 @@ class Broker:
         self.journal.begin()
         before = self.journal.db.total_changes
         try:
-            for front in (self.fronts if http is True else http or []):
-                self._drain(front.reqs, lambda m, f=front: self.on_http(m, f, calls, http_out))
+            # Worker reports first: a handler call that came with its run's result sees that result.
             if router:
                 self._drain(self.router, lambda m: self.on_router(m, router_out), router=True)
+            for front in (self.fronts if http is True else http or []):
+                self._drain(front.reqs, lambda m, f=front: self.on_http(m, f, calls, http_out))
+            if self.parked and self.touched:    # results came in: the handler calls that waited for them
+                ready = [x for x in self.parked if x[0] in self.touched]
+                self.parked = [x for x in self.parked if x[0] not in self.touched]
+                for _, req, until in ready:
+                    self.handle(req, calls, http_out, until)
             now = time.monotonic()
             if self.held_since is None and self.journal.db.total_changes != before:
                 self.held_since = now
@@ -260,6 +274,14 @@ class Broker:
         if now >= self.prune_due:
             self.prune_due = now + min(60.0, max(1.0, self.keep / 10))
             self.prune()
+        if now >= self.keep_alive_due:
+            self.keep_alive_due = now + KEEP_ALIVE_EVERY
+            self.keep_alive()
+        if self.parked and min(until for _, _, until in self.parked) <= now:
+            for _, req, _ in [x for x in self.parked if x[2] <= now]:
+                req.front.reply_http(req, 503, encode({'error': 'the result of the run this handler call comes '
+                                                                'from has not arrived; try again'}))
+            self.parked = [x for x in self.parked if x[2] > now]
         for run_id, waits in list(self.waiters.items()):
             expired = [w for w in waits if w[1] <= now]
             if not expired:
@@ -270,6 +292,26 @@ class Broker:
             self.waiters[run_id] = [w for w in waits if w[1] > now]
             if not self.waiters[run_id]:
                 del self.waiters[run_id]
+
+    def keep_alive(self) -> None:
+        """Tell Mongrel2 the held wait= requests are alive, so its min_ping closes only idle connections."""
+        held: dict[tuple, list[bytes]] = {}
+        for waits in self.waiters.values():
+            for req, _ in waits:
+                held.setdefault((req.front, req.sender), []).append(req.conn_id)
+        for (front, sender), conn_ids in held.items():
+            front.keep_alive(sender, conn_ids)
+
+    def forget_waits(self, front: Connection, conn_id: bytes) -> None:
+        """The client of a held wait= request went away: free its place."""
+        self.new_waits = [w for w in self.new_waits if not (w[1].conn_id == conn_id and w[1].front is front)]
+        for run_id, waits in list(self.waiters.items()):
+            left = [w for w in waits if not (w[0].conn_id == conn_id and w[0].front is front)]
+            if len(left) < len(waits):
+                if left:
+                    self.waiters[run_id] = left
+                else:
+                    del self.waiters[run_id]
 
     def reload_keys(self) -> None:
         """Pick up enrolled keys added or removed; a removed key loses its live subscription at once."""
@@ -321,14 +363,25 @@ class Broker:
             log.warning('dropping a Mongrel2 message that does not parse: %s', e)
             return
         req.front = front
-        if req.is_disconnect() or req.method == 'JSON':
+        if req.is_disconnect():
+            self.forget_waits(front, req.conn_id)
             return    # answering a disconnect makes Mongrel2 loop forever
+        self.handle(req, calls, out)
+
+    def handle(self, req: Request, calls: list, out: list, park_until: float | None = None) -> None:
         try:
             answer = self.route(req, calls)
             if answer is None:
                 return    # a wait= request, answered when the run ends or time runs out
             status, body = answer if isinstance(answer, tuple) else (200, answer)
             out.append((req, status, body))
+        except NotYet as e:
+            # A handler call that overtook its run's result (they travel apart): it waits for the
+            # result a moment, then is handled again; past PARK_FOR the worker is told to retry.
+            if park_until is None or time.monotonic() < park_until:
+                self.parked.append((e.run_id, req, park_until or time.monotonic() + PARK_FOR))
+            else:
+                out.append((req, e.status, {'error': str(e)}))
         except HttpError as e:
             out.append((req, e.status, {'error': str(e), **e.extra}))
         except Exception:
@@ -336,6 +389,10 @@ class Broker:
             out.append((req, 500, {'error': 'internal error; see the broker log'}))
 
     def route(self, req: Request, calls: list) -> dict | None:
+        problem = req.ambiguity()
+        if problem:
+            raise HttpError(400, problem)
+        self.check_host(req)
         path = str(req.headers.get('PATH', req.path))
         methods = ROUTES.get(path)
         if methods is None:
@@ -345,6 +402,8 @@ class Broker:
             raise HttpError(405, f'method {req.method} not allowed on {path}; use {", ".join(methods)}')
         if len(req.body) > self.max_body:
             raise HttpError(413, f'request body over {self.max_body} bytes')
+        if path in ('/job_start', '/job_note'):
+            self.check_same_site(req)
         req.who = self.who(req)
         # Lone surrogates (from JSON escapes) cannot be stored: replace them like bad UTF-8.
         query = dict(parse_qsl(req.query.encode('utf-8', 'replace').decode(), keep_blank_values=True,
@@ -356,6 +415,28 @@ class Broker:
             query.update(parse_qsl(req.body.decode('utf-8', 'replace'), keep_blank_values=True))
         handler = getattr(self, 'http_' + (path.strip('/') or 'index'))
         return handler(req, query, calls)
+
+    def check_host(self, req: Request) -> None:
+        """Serve only our own host names: a DNS-rebinding page sends its own."""
+        host = req.header('host')
+        if '*' in self.hostnames or not host:    # no Host: HTTP/1.0, not a browser
+            return
+        try:
+            name = urlsplit('//' + host).hostname or ''
+        except ValueError:
+            raise HttpError(400, 'malformed Host header') from None
+        if name not in self.hostnames:
+            raise HttpError(403, f'host name {name[:100]!r} is not served here (broker --hostnames)')
+
+    def check_same_site(self, req: Request) -> None:
+        """Refuse a browser's request sent for another site: a page elsewhere must not start jobs here."""
+        site = req.header('sec-fetch-site')
+        origin = req.header('origin')
+        own = f"{req.header('URL_SCHEME') or 'http'}://{req.header('host')}"
+        if site in ('cross-site', 'same-site') or (origin and origin != own):
+            log.warning('refused a %s %s sent from another site (Origin %r, Sec-Fetch-Site %r)',
+                        req.method, req.path, origin[:100], site[:30])
+            raise HttpError(403, 'a request from another site may not start jobs or add notes here')
 
     def who(self, req: Request) -> str:
         """Who sent a request: the enrolled name of its client certificate, or `plain:ADDRESS`."""
@@ -385,7 +466,8 @@ class Broker:
                 'workers': len(self.live_workers()), 'jobs': len(self.jobs)}
 
     def http_jobs(self, req, q, calls):
-        return {name: job.describe() for name, job in sorted(self.jobs.items())}
+        return {name: job.describe() for name, job in sorted(self.jobs.items())
+                if self.access.may_start(req.who, req.front.tls, name)}
 
     def http_workers(self, req, q, calls):
         now = time.monotonic()
@@ -472,9 +554,11 @@ class Broker:
     def http_job_note(self, req, q, calls):
         run_id = self._required(q, 'run_id')
         note = self._required(q, 'note')[:2000]
-        if self.journal.status(run_id) is None:
+        if not self.journal.exists(run_id):
             raise HttpError(404, f'unknown run {run_id!r}')
-        self.journal.add_note(run_id, q.get('worker', '')[:200] or None, note)
+        self.access.check_note(run_id, req.who, req.front.tls)
+        worker = req.who if req.front.tls else q.get('worker', '')[:200] or None    # over HTTPS: who it is
+        self.journal.add_note(run_id, worker, note)
         return {'run_id': run_id, 'noted': note}
 
     def http_job_start(self, req, q, calls):
@@ -482,11 +566,17 @@ class Broker:
         job = self.jobs.get(name)
         if job is None:
             raise HttpError(404, f'unknown job {name!r}')
+        if not self.access.may_start(req.who, req.front.tls, job.name):
+            raise HttpError(403, f'{req.who} may not start job {job.name}')
         wait = self._number(q, 'wait', None, 0, MAX_WAIT)
         key = q.get('key') or None
         if key is not None and len(key) > 200:
             raise HttpError(400, "parameter 'key' is longer than 200 characters")
+        parent = q.get('parent') or None
+        self.access.check_link(job, key, parent, req.who, req.front.tls)
         run_id = self.journal.run_by_key(key) if key else None
+        if run_id is not None and self.journal.run_row(run_id)['job'] != job.name:
+            raise HttpError(409, f'key {key!r} is already used by a run of job {self.journal.run_row(run_id)["job"]}')
         if run_id is None:
             try:
                 params, sanitized = prepare_params(job, q)
@@ -495,7 +585,6 @@ class Broker:
             run_id = new_run_id()
             while self.journal.exists(run_id):    # taken (in this burst, too): draw again
                 run_id = new_run_id()
-            parent = q.get('parent') if q.get('parent') and self.journal.exists(q['parent']) else None
             workers = self.expected_workers(job.topic)
             call = self.journal.add_run(run_id, job.name, job.topic, params, sanitized, key,
                                         workers, parent, job.expires, req.who)
@@ -515,8 +604,12 @@ class Broker:
         if wait is not None:
             if status['state'] in ('succeeded', 'failed'):
                 return (200 if status['state'] == 'succeeded' else 500), status
-            if sum(len(w) for w in self.waiters.values()) + len(self.new_waits) >= MAX_WAITERS:
+            held = [r for ws in self.waiters.values() for r, _ in ws] + [r for _, r, _ in self.new_waits]
+            if len(held) >= MAX_WAITERS:
                 raise HttpError(503, f'too many requests waiting (at most {MAX_WAITERS}); poll job_status instead')
+            if sum(r.who == req.who for r in held) >= MAX_WAITERS_PER_CLIENT:
+                raise HttpError(503, f'{req.who} has {MAX_WAITERS_PER_CLIENT} requests waiting already; '
+                                     'poll job_status instead')
             self.new_waits.append((run_id, req, time.monotonic() + wait))
             return None
         return {'run_id': run_id, 'job': status['job'], 'topic': status['topic'],
@@ -555,7 +648,7 @@ class Broker:
             log.warning('dropping a worker message with %d frames', len(frames))
             return
         ident, verb, payload = frames
-        worker = ident.decode('utf-8', 'replace')
+        worker = ident.split(b'/', 1)[0].decode('utf-8', 'replace')    # NAME/RANDOM (the agent's routing id)
         if self.enrolled and (user != worker or self.enrolled.allowed_topics(worker) is False):
             # The authenticated key decides who this is, never the name the peer claims.
             log.warning('dropping a %r claiming to be %r from key %r', verb, worker, user)
@@ -567,7 +660,7 @@ class Broker:
             return
         try:
             if verb == p.SYNC:
-                out.append([ident, p.CALLS, p.pack(self.on_sync(worker, msg))])
+                out.append([ident, p.CALLS, p.pack(self.on_sync(worker, ident, msg))])
             elif verb == p.STARTED:
                 run_id, started = p.text(msg.get('run_id'), 200), p.number(msg.get('started'))
                 if run_id and started and self.may_report(worker, run_id) and \
@@ -626,7 +719,16 @@ class Broker:
                     run_id, topic, worker)
         return False
 
-    def on_sync(self, worker: str, msg: dict) -> dict:
+    def agent_topics(self, name: str) -> set | None:
+        """The topics of the worker or semaphore `name` (all: enrolled and not seen yet), or None: no agent."""
+        if name in self.workers:
+            return self.workers[name]['topics']
+        allowed = self.enrolled.allowed_topics(name) if self.enrolled else False
+        if allowed is False:
+            return None
+        return allowed if allowed is not None else {j.topic for j in self.jobs.values()}
+
+    def on_sync(self, worker: str, ident: bytes, msg: dict) -> dict:
         """Register or refresh a worker and hand it the calls it has not seen."""
         given = msg.get('topics') if isinstance(msg.get('topics'), list) else []
         topics = sorted({t for t in given[:1000] if isinstance(t, str) and NAME_RE.match(t) and len(t) <= 200})
@@ -663,7 +765,7 @@ class Broker:
         w = self.workers[worker] = {'topics': set(topics), 'seen': now, 'seen_at': time.time(),
                                     'cursors': new_cursors,
                                     'running': msg['running'] if p.is_int(msg.get('running')) else 0,
-                                    'saved': old['saved'] if old else float('-inf')}
+                                    'saved': old['saved'] if old else float('-inf'), 'ident': ident}
         if old is None or old['topics'] != w['topics'] or now - w['saved'] >= 10.0 or more:
             self.journal.save_worker(worker, topics, new_cursors, w['seen_at'])
             w['saved'] = now

@@ -16,9 +16,13 @@ import ssl
 import subprocess
 import sys
 
+from .files import UnsafePath, state_dir, write_replace
+
 DEFAULT_DIR = 'var/ca/'
 NAME_RE = re.compile(r'[A-Za-z0-9_.-]+\Z')     # also a file name and a plain CN: no escaping needed
 PEM_RE = re.compile(r'-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----', re.S)
+JOBS_LINE = '# jobs: '    # first line of a client certificate limited to some jobs (client --jobs)
+JOB_PATTERN_RE = re.compile(r'[A-Za-z0-9_.*?\[\]-]+\Z')   # a job name, or a shell-style pattern of them
 CURVE = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256']
 
 
@@ -38,25 +42,48 @@ def openssl(*args: str) -> str:
 
 def fingerprint(cert_path: str) -> str:
     """A certificate's SHA1 as Mongrel2 sends it in PEER_CERT_SHA1: upper-case hex plus '00'."""
+    return pem_fingerprint(read_cert(cert_path), cert_path)
+
+
+def read_cert(cert_path: str) -> str:
     try:
         with open(cert_path, encoding='ascii') as f:
-            pem = PEM_RE.search(f.read())
+            return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise CAError(f'{cert_path}: cannot read a PEM certificate ({e})') from None
+        raise CAError(f'{cert_path}: cannot read a PEM certificate ({e})') from e
+
+
+def pem_fingerprint(text: str, where: str) -> str:
+    pem = PEM_RE.search(text)
     if not pem:
-        raise CAError(f'{cert_path}: no PEM certificate in it')
+        raise CAError(f'{where}: no PEM certificate in it')
     try:
         der = ssl.PEM_cert_to_DER_cert(pem.group())
     except ValueError:
-        raise CAError(f'{cert_path}: the PEM certificate is damaged') from None
+        raise CAError(f'{where}: the PEM certificate is damaged') from None
     # Seen on Debian's 1.12.2: the 40 digits of the SHA1 of the DER bytes, then a stray byte, always 00.
     return hashlib.sha1(der).hexdigest().upper() + '00'
+
+
+def allowed_jobs(text: str) -> tuple[str, ...] | None:
+    """The job patterns a client certificate file was enrolled with (its `# jobs:` line), or None: any job.
+
+    OpenSSL, curl and Python read past text before the PEM block, so the line travels with the file."""
+    for line in text.splitlines():
+        if line.startswith(JOBS_LINE):
+            return tuple(p.strip() for p in line[len(JOBS_LINE):].split(',') if p.strip())
+        if line.startswith('-----BEGIN'):
+            break
+    return None
 
 
 def issue(key: str, crt: str, subject: str, days: int, exts: list[str], ca: str | None = None) -> None:
     """Make a new key and a certificate for it: self-signed, or signed by the CA in folder `ca`."""
     signer = ['-CA', os.path.join(ca, 'ca.crt'), '-CAkey', os.path.join(ca, 'ca.key')] if ca else ['-x509']
     tmp_key, tmp_crt = key + '.tmp', crt + '.tmp'    # a failure never leaves a key without its cert
+    for path in (tmp_key, tmp_crt):
+        if os.path.lexists(path):    # left by a failed run (or planted): openssl would write through a link
+            os.unlink(path)
     old = os.umask(0o077)            # the key is never readable by others, not even for a moment
     try:
         # -config /dev/null: no defaults from the system openssl.cnf (whose v3_ca would make every cert a CA).
@@ -70,22 +97,26 @@ def issue(key: str, crt: str, subject: str, days: int, exts: list[str], ca: str 
     finally:
         os.umask(old)
         for path in (tmp_key, tmp_crt):
-            if os.path.exists(path):
+            if os.path.lexists(path):
                 os.unlink(path)
 
 
 def prepare(path: str, force: bool) -> None:
-    """Refuse to replace an existing file without --force; create its folder (mode 0700)."""
-    if os.path.exists(path) and not force:
+    """Refuse to replace an existing file without --force; create its folder (mode 0700, ours only)."""
+    if os.path.lexists(path) and not force:    # lexists: a dangling symbolic link counts as there
         raise CAError(f'{path} exists; add --force to replace it')
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    try:
+        state_dir(folder)
+    except UnsafePath as e:
+        raise CAError(str(e)) from None
 
 
 def init(args) -> None:
     key, crt = os.path.join(args.dir, 'ca.key'), os.path.join(args.dir, 'ca.crt')
     prepare(key, args.force)
     prepare(crt, args.force)
-    os.chmod(args.dir, 0o700)
     issue(key, crt, f'/CN={args.cn}', args.days,
           ['basicConstraints=critical,CA:TRUE,pathlen:0', 'keyUsage=critical,keyCertSign,cRLSign'])
     print(crt)
@@ -117,7 +148,14 @@ def server(args) -> None:
 
 
 def client(args) -> None:
+    jobs = [j.strip() for j in (args.jobs or '').split(',') if j.strip()]
+    bad = [j for j in jobs if not JOB_PATTERN_RE.match(j)]
+    if bad or (args.jobs is not None and not jobs):
+        raise CAError(f"--jobs {args.jobs!r}: give job names or patterns such as 'deploy_*,report', "
+                      'separated by commas')
     crt = leaf(args, 'clients', ['extendedKeyUsage=clientAuth'])
+    if jobs:    # the broker reads this line from its copy in --clients
+        write_replace(crt, (f'{JOBS_LINE}{",".join(jobs)}\n' + read_cert(crt)).encode(), 0o644)
     print(crt)
     print(crt[:-4] + '.key')
     print(fingerprint(crt))
@@ -150,6 +188,8 @@ def main(argv=None) -> int:
                    help='a DNS name or IP address clients use (repeat for more)')
     p = command('client', client, 'a client certificate (CN=NAME): clients/NAME.crt and .key', 365)
     p.add_argument('name', metavar='NAME', help='the client name the broker will log')
+    p.add_argument('--jobs', help="the only jobs it may start, comma-separated, patterns allowed ('deploy_*,report'); "
+                                  'default: any job')
     command('fingerprint', show_fingerprint, "print a certificate's PEER_CERT_SHA1 as Mongrel2 sends it"
             ).add_argument('cert', metavar='CERT', help='a PEM certificate file')
     args = ap.parse_args(argv)

@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the scripts: flags with JOBZ_* fallbacks, logging."""
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -7,6 +8,7 @@ import sys
 import time
 
 from . import defaults
+from .files import UnsafePath, state_dir
 from .jobfile import NAME_RE, JobFileError, load_jobs
 
 LEVELS = ('debug', 'info', 'warning', 'error')
@@ -20,6 +22,11 @@ class Parser(argparse.ArgumentParser):
             self.error(f"{env}={value!r}: choose from {', '.join(map(str, kw['choices']))}")
         shown = shown or ('none' if default is None else default)
         self.add_argument(*flags, default=value, help=f'{help} (default: {shown}; env {env})', **kw)
+
+    def flag(self, *flags, env: str, help: str):
+        """An on/off flag, also on when the environment variable `env` is 1, true or yes."""
+        on = os.environ.get(env, '').strip().lower() in ('1', 'true', 'yes')
+        self.add_argument(*flags, action='store_true', default=on, help=f'{help} (default: off; env {env}=1)')
 
     def jobs_option(self):
         default = os.environ.get('JOBZ_JOBS', defaults.JOBS)
@@ -65,6 +72,20 @@ class Parser(argparse.ArgumentParser):
             if path and not os.path.exists(path):
                 self.error(f'{path}: no such file')
         return args
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether a ZeroMQ address stays on this host: ipc://, inproc://, or tcp:// on a loopback address."""
+    scheme, _, rest = addr.partition('://')
+    if scheme in ('ipc', 'inproc'):
+        return True
+    host = rest.rsplit(':', 1)[0].strip('[]')
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False    # '*', an interface name or a host name: not loopback for sure
 
 
 def check_curve(parser, secret: str | None, other: str | None, other_flag: str) -> None:
@@ -113,6 +134,14 @@ def setup_logging(args, who: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(who))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def home_or_exit(path: str) -> str:
+    """The state folder, created private (0700) or checked: ours, a real folder, only we can write."""
+    try:
+        return state_dir(path)
+    except (UnsafePath, OSError) as e:
+        sys.exit(f'error: --home: {e}')
 
 
 def load_or_exit(paths, log: logging.Logger) -> dict:

@@ -15,6 +15,7 @@ from zmq.auth.certs import load_certificate
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from .files import WatchedFolder, write_replace
 from .jobfile import NAME_RE
 
 log = logging.getLogger('jobz.curve')
@@ -43,48 +44,44 @@ def write_public(path: str, public_key: bytes, metadata: dict[str, str] | None =
     lines = ['#   jobz enrolled public key (ZeroMQ CURVE certificate)', 'metadata']
     lines += [f'    {k} = {v}' for k, v in (metadata or {}).items()]
     lines += ['curve', f'    public-key = "{public_key.decode()}"', '']
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write('\n'.join(lines))
-    os.replace(tmp, path)
+    write_replace(path, '\n'.join(lines).encode(), 0o644)
 
 
 class Enrolled:
     """The folder of enrolled public keys, re-read whenever it changes."""
 
     def __init__(self, folder: str):
-        self.folder = folder
-        self.keys: dict[bytes, tuple[str, frozenset | None]] = {}   # z85 key -> (name, topics or None)
-        self.signature = None
-        self.lock = threading.Lock()     # the ZAP thread reads while the broker reloads
         if not os.path.isdir(folder):
             raise FileNotFoundError(f'{folder}: no such folder of enrolled keys')
+        self.watch = WatchedFolder(folder, '.key')
+        self.keys: dict[bytes, tuple[str, frozenset | None]] = {}   # z85 key -> (name, topics or None)
+        self.lock = threading.Lock()     # the ZAP thread reads while the broker reloads
         self.refresh()
 
     def refresh(self) -> tuple[set, set]:
         """Re-read the folder if it changed; return (names added, names removed)."""
-        files = sorted(f for f in os.listdir(self.folder) if f.endswith('.key'))
-        signature = [(f, os.stat(os.path.join(self.folder, f)).st_mtime_ns) for f in files]
-        if signature == self.signature:
+        files = self.watch.changed()
+        if files is None:
             return set(), set()
         keys = {}
-        for f in files:
-            name, path = f[:-len('.key')], os.path.join(self.folder, f)
+        for name, path in files:
+            if not NAME_RE.match(name):
+                log.error('%s: the file name must be a worker name (letters, digits, _ . -); ignored', path)
+                continue
             try:
                 public, _ = load_certificate(path)
                 topics = read_metadata(path).get('topics')
+            except FileNotFoundError:
+                continue    # removed while we looked: revoked
             except (OSError, ValueError) as e:
                 log.error('%s: not a usable key file (%s); ignored', path, e)
-                continue
-            if not NAME_RE.match(name):
-                log.error('%s: the file name must be a worker name (letters, digits, _ . -); ignored', path)
                 continue
             keys[public] = (name, frozenset(t.strip() for t in topics.split(',') if t.strip())
                             if topics is not None else None)
         before = {n for n, _ in self.keys.values()}
         after = {n for n, _ in keys.values()}
         with self.lock:
-            self.keys, self.signature = keys, signature
+            self.keys = keys
         if before != after:
             log.info('enrolled keys: %s', ', '.join(sorted(after)) or 'none')
         return after - before, before - after

@@ -7,7 +7,14 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import yaml
 
+from .protocol import FINAL_STATES
+
 NAME_RE = re.compile(r'[A-Za-z0-9_.-]+\Z')
+# A run id as the broker makes them (time, then 48 random bits; 32 in older journals): never '..'.
+RUN_ID_RE = re.compile(r'\d{8}-\d{6}-[0-9a-f]{8,32}\Z')
+# The idempotency key of a handler call: RUN.WORKER.STATE (worker names may hold dots themselves).
+HANDLER_KEY_RE = re.compile(r'(\d{8}-\d{6}-[0-9a-f]{8,32})\.([A-Za-z0-9_.-]+)\.(%s)\Z' % '|'.join(FINAL_STATES))
+RELEASE_KEY_PREFIX = 'semaphore.'
 PARAM_NAME_RE = re.compile(r'[A-Za-z_][A-Za-z0-9_]*\Z')
 # Everything outside this set is removed from undeclared values (DESIGN.md contract).
 UNSAFE_RE = re.compile(r'[^A-Za-z0-9_.,:@+=/-]')
@@ -53,6 +60,10 @@ class Job:
             names |= placeholders(template or '')
         return frozenset(names - HANDLER_BUILTINS)
 
+    def handler(self, state: str) -> str | None:
+        """The handler URL template a run that ended in `state` calls."""
+        return self.on_success if state == 'succeeded' else self.on_failure
+
     def describe(self) -> dict:
         return {'topic': self.topic, 'command': self.command,
                 'params': {k: v.pattern for k, v in self.params.items()},
@@ -81,7 +92,21 @@ def _check_url(where: str, template) -> str:
     parts = urlsplit(template)
     if parts.scheme not in ('', 'http', 'https') or (not parts.scheme and not template.startswith('/')):
         raise JobFileError(f'{where} must be a path starting with / or an http(s) URL')
+    for name, _ in parse_qsl(parts.query) if parts.path.endswith('/job_start') else ():
+        if name in HANDLER_BUILTINS - {'job_name'}:
+            raise JobFileError(f"{where}: {name!r} is a built-in value and cannot be passed as a parameter; "
+                               f"give it another name ({name}_of=%({name})s)")
+        if name in ('key', 'parent'):
+            raise JobFileError(f"{where}: {name!r} is set by the worker for every handler call (it links the runs "
+                               f"and keeps a retried call from starting twice)")
     return template
+
+
+def target_job(url: str | None) -> str | None:
+    """The job a handler URL template triggers, if it is a job_start."""
+    if not url or not urlsplit(url).path.endswith('/job_start'):
+        return None
+    return dict(parse_qsl(urlsplit(url).query)).get('job_name')
 
 
 def parse_job(name, spec, source: str) -> Job:
@@ -97,6 +122,10 @@ def parse_job(name, spec, source: str) -> Job:
     job = Job(name=name, source=source)
     if 'command' in spec:
         job.command = _check_template(f"{where}: 'command'", spec['command'])
+        handler_only = sorted(placeholders(job.command) & (HANDLER_BUILTINS - BUILTINS))
+        if handler_only:
+            raise JobFileError(f"{where}: 'command' uses %({handler_only[0]})s, which only a handler URL has "
+                               f"(a command gets $JOBZ_WORKER in its environment)")
     if 'semaphore' in spec:
         job.semaphore = _parse_semaphore(f"{where}: 'semaphore'", spec['semaphore'])
     if job.command and job.semaphore:
@@ -111,7 +140,7 @@ def parse_job(name, spec, source: str) -> Job:
     if not isinstance(params, dict):
         raise JobFileError(f"{where}: 'params' must map parameter names to regular expressions")
     for pname, rule in params.items():
-        if not isinstance(pname, str) or not PARAM_NAME_RE.match(pname) or pname in RESERVED:
+        if not isinstance(pname, str) or not PARAM_NAME_RE.match(pname) or pname in RESERVED | HANDLER_BUILTINS:
             raise JobFileError(f"{where}: 'params': {pname!r} is not a usable parameter name")
         try:
             job.params[pname] = re.compile(str(rule))
@@ -121,7 +150,7 @@ def parse_job(name, spec, source: str) -> Job:
     if not isinstance(defaults, dict):
         raise JobFileError(f"{where}: 'defaults' must map parameter names to values")
     for pname, value in defaults.items():
-        if not isinstance(pname, str) or not PARAM_NAME_RE.match(pname):
+        if not isinstance(pname, str) or not PARAM_NAME_RE.match(pname) or pname in RESERVED | HANDLER_BUILTINS:
             raise JobFileError(f"{where}: 'defaults': {pname!r} is not a usable parameter name")
         if not isinstance(value, (str, int, float)) or UNSAFE_RE.search(str(value)) or str(value) == '':
             raise JobFileError(f"{where}: 'defaults': value of {pname!r} must be non-empty and use "
@@ -231,20 +260,41 @@ def prepare_params(job: Job, query: dict) -> tuple[dict, list]:
     for name, value in query.items():
         if name in RESERVED:
             continue
+        if name in HANDLER_BUILTINS:
+            raise ParamError(f"parameter {name!r} is a built-in value ({', '.join(sorted(HANDLER_BUILTINS))}) "
+                             'and cannot be given')
         if not PARAM_NAME_RE.match(name) or len(name) > 100:
             raise ParamError(f'parameter name {name[:100]!r} may only hold letters, digits and _')
         if len(value) > MAX_VALUE:
             raise ParamError(f'parameter {name!r} is longer than {MAX_VALUE} characters')
-        rule = job.params.get(name)
-        if rule is not None:
-            if UNSAFE_RE.search(value) or not rule.fullmatch(value):
-                raise ParamError(f'parameter {name!r} does not match its rule: {rule.pattern}')
-        else:
+        if name not in job.params:
             clean = sanitize(value)
             if clean != value:
                 changed.append(name)
             value = clean
         params[name] = value
+    check_params(job, params)
+    return params, sorted(changed)
+
+
+def check_params(job: Job, params) -> None:
+    """The rules a call's values obey: checked by the broker, and again by the worker before it runs them.
+
+    Names are parameter names (no built-ins); values stay in the safe set and match their rule;
+    every placeholder has a value, and none is empty (it would remove a shell word)."""
+    if not isinstance(params, dict):
+        raise ParamError('the call has no parameters')
+    for name, value in params.items():
+        if not isinstance(name, str) or not PARAM_NAME_RE.match(name) or len(name) > 100 \
+                or name in RESERVED | HANDLER_BUILTINS:
+            raise ParamError(f'parameter name {str(name)[:100]!r} is not allowed')
+        if not isinstance(value, str) or len(value) > MAX_VALUE:
+            raise ParamError(f'parameter {name!r} has no usable value')
+        rule = job.params.get(name)
+        if rule is not None and (UNSAFE_RE.search(value) or not rule.fullmatch(value)):
+            raise ParamError(f'parameter {name!r} does not match its rule: {rule.pattern}')
+        if UNSAFE_RE.search(value):
+            raise ParamError(f'parameter {name!r} holds characters outside the safe set')
     if len({n.upper() for n in params}) != len(params):
         # They would share one JOBZ_PARAM_<NAME> variable.
         raise ParamError('parameter names differ only in case: ' + ', '.join(sorted(params)))
@@ -256,7 +306,18 @@ def prepare_params(job: Job, query: dict) -> tuple[dict, list]:
         # An empty value would remove a shell word from the command.
         raise ParamError(f"parameter {', '.join(repr(n) for n in empty)} is empty "
                          f"(after removing unsafe characters)")
-    return params, sorted(changed)
+
+
+def check_call(call: dict, job: Job) -> None:
+    """A call from the broker, checked against our own job before we act on it (ParamError says why).
+
+    A broker, even a compromised one, can make us run only our own commands, with values our
+    own rules allow, for the topic the job is on, under a run id that names no other file."""
+    if not RUN_ID_RE.match(str(call.get('run_id'))):
+        raise ParamError('the call has a malformed run id')
+    if call.get('topic') != job.topic:
+        raise ParamError(f"job {job.name!r} is on topic {job.topic!r}, but the call came for {call.get('topic')!r}")
+    check_params(job, call.get('params'))
 
 
 def render_command(template: str, values: dict) -> str:
@@ -274,7 +335,12 @@ def render_url(template: str, values: dict, base: str) -> str:
 
 def release_key(job: str, gate: str) -> str:
     """The idempotency key of a semaphore's release: deterministic, so a gate never releases twice."""
-    return f'semaphore.{job}.{gate}'
+    return f'{RELEASE_KEY_PREFIX}{job}.{gate}'
+
+
+def handler_key(run_id: str, worker: str, state: str) -> str:
+    """The idempotency key of a worker's handler call: a retried call never starts the next job twice."""
+    return f'{run_id}.{worker}.{state}'
 
 
 def link_url(url: str, parent: str, key: str) -> str:

@@ -4,6 +4,7 @@ import os
 import sqlite3
 import time
 
+from .files import private_file
 from .protocol import FINAL_STATES, is_int, number, text
 
 SCHEMA = """
@@ -75,7 +76,7 @@ def run_state(worker_states: list[str]) -> str:
 class Journal:
     def __init__(self, path: str):
         # isolation_level=None: we open and commit transactions ourselves, in batches.
-        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db = sqlite3.connect(private_file(path), isolation_level=None)
         self.db.row_factory = sqlite3.Row
         self.db.execute('PRAGMA journal_mode=WAL')
         self.db.execute('PRAGMA synchronous=FULL')
@@ -129,6 +130,11 @@ class Journal:
     def workers_of(self, run_id: str) -> list[str]:
         return [r[0] for r in self.db.execute('SELECT worker FROM results WHERE run_id = ? ORDER BY worker',
                                               (run_id,))]
+
+    def result_state(self, run_id: str, worker: str) -> str | None:
+        """The state `worker` has for `run_id`, or None when it has none there."""
+        row = self.db.execute('SELECT state FROM results WHERE run_id = ? AND worker = ?', (run_id, worker)).fetchone()
+        return row[0] if row else None
 
     def run_row(self, run_id: str) -> sqlite3.Row | None:
         return self.db.execute('SELECT * FROM runs WHERE run_id = ?', (run_id,)).fetchone()

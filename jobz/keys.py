@@ -3,19 +3,35 @@ import argparse
 import os
 import sys
 
+import zmq
 import zmq.auth
 
 from .curve import read_metadata, write_public
+from .files import UnsafePath, state_dir, write_new
 from .jobfile import NAME_RE
 
 
+def key_file(public: bytes, secret: bytes | None = None) -> bytes:
+    """A key file in ZeroMQ's certificate format (what zmq.auth.load_certificate reads)."""
+    lines = ['#   jobz CURVE key (ZeroMQ certificate format)', 'metadata', 'curve',
+             f'    public-key = "{public.decode()}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    return ('\n'.join(lines) + '\n').encode()
+
+
 def cmd_new(args) -> None:
-    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    state_dir(args.dir)
     base = os.path.join(args.dir, args.name)
-    if not args.force and (os.path.exists(base + '.key') or os.path.exists(base + '.key_secret')):
-        sys.exit(f'error: {base}.key exists; use --force to replace it')
-    public, secret = zmq.auth.create_certificates(args.dir, args.name)
-    os.chmod(secret, 0o600)
+    public, secret = base + '.key', base + '.key_secret'
+    for path in (public, secret):
+        if os.path.lexists(path):    # lexists: a dangling symbolic link is something there too
+            if not args.force:
+                sys.exit(f'error: {path} exists; use --force to replace it')
+            os.unlink(path)
+    pub, sec = zmq.curve_keypair()
+    write_new(secret, key_file(pub, sec), 0o600)    # 0600 from the start, never readable by others
+    write_new(public, key_file(pub), 0o644)
     print(f'public key (give it to the other side): {public}\nsecret key (keep it here):             {secret}')
 
 
@@ -71,7 +87,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         args.func(args)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, UnsafePath) as e:
         sys.exit(f'error: {e}')
     return 0
 

@@ -6,10 +6,20 @@ import zmq
 
 
 PHRASES = {s.value: s.phrase for s in HTTPStatus}
+KEEP_ALIVE = b'31:3:ctl,21:10:keep-alive,4:true!}]'    # tnetstring ["ctl", {"keep-alive": true}]
 
 
 class BadMessage(ValueError):
     """A Mongrel2 message that does not parse."""
+
+
+class HttpError(Exception):
+    """An answer other than 200: its status and the message for {"error": ...}."""
+
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
 
 
 def parse_netstring(data: bytes) -> tuple[bytes, bytes]:
@@ -60,13 +70,35 @@ class Request:
         return str(self.headers.get('QUERY', ''))
 
     def is_disconnect(self) -> bool:
-        """Mongrel2 tells us a client went away; such a message must never be answered."""
-        if self.method != 'JSON':
+        """Mongrel2 tells us a client went away; such a message must never be answered.
+
+        Its path is '@*': a client's own request with method JSON has a path starting with '/'."""
+        if self.method != 'JSON' or not self.path.startswith('@'):
             return False
         try:
             return json.loads(self.body).get('type') == 'disconnect'
         except (ValueError, AttributeError, RecursionError):
             return False
+
+    def header(self, name: str) -> str:
+        """One header's value ('' when absent); a header sent twice comes from Mongrel2 as a list."""
+        value = self.headers.get(name, '')
+        return value if isinstance(value, str) else ''
+
+    def ambiguity(self) -> str | None:
+        """Why this request's framing cannot be trusted, if it cannot.
+
+        Mongrel2 forwards some requests it answers 400 itself, and it ignores Transfer-Encoding:
+        such a request must not start anything."""
+        if 'transfer-encoding' in self.headers:
+            return 'Transfer-Encoding is not supported; send a Content-Length'
+        for name in ('content-length', 'host', 'origin', 'content-type', 'sec-fetch-site'):
+            if isinstance(self.headers.get(name), list):
+                return f'header {name!r} sent more than once'
+        length = self.header('content-length')
+        if length and (not length.isdigit() or len(length) > 12 or int(length) != len(self.body)):
+            return f'Content-Length {length[:20]!r} does not match the body'
+        return None
 
 
 def http_response(status: int, body: bytes, content_type: str = 'application/json',
@@ -99,6 +131,14 @@ class Connection:
     def reply(self, sender: bytes, conn_ids: list[bytes], payload: bytes) -> None:
         ids = b' '.join(conn_ids)
         self.resp.send(sender + b' ' + str(len(ids)).encode() + b':' + ids + b', ' + payload)
+
+    def keep_alive(self, sender: bytes, conn_ids: list[bytes]) -> None:
+        """Tell Mongrel2 these held requests are still being worked on, so limits.min_ping spares them.
+
+        A control message of Mongrel2's handler protocol: the targets start with 'X ', the body is
+        the tnetstring ["ctl", {"keep-alive": true}]."""
+        for i in range(0, len(conn_ids), 100):    # Mongrel2 takes at most limits.handler_targets (128)
+            self.reply(sender, [b'X'] + conn_ids[i:i + 100], KEEP_ALIVE)
 
     def reply_http(self, req: Request, status: int, body: bytes, **kw) -> None:
         head_only = req.method == 'HEAD'

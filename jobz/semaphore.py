@@ -4,7 +4,7 @@ import time
 
 from .agent import Agent
 from .cli import about
-from .jobfile import Job, link_url, release_key, render_url
+from .jobfile import Job, check_call, link_url, release_key, render_url
 
 log = logging.getLogger('jobz.semaphore')
 
@@ -50,6 +50,12 @@ class Semaphore:
         if job is None:
             self.agent.finish(run_id, {'state': 'failed', 'reason':
                                        f"no semaphore job {call.get('job')!r} on {self.name}"})
+            return
+        try:
+            check_call(call, job)    # our own rules, whatever the broker sent
+        except ValueError as e:
+            log.error('run %s: refused: %s', run_id, e, extra=about(run_id, job.name))
+            self.agent.finish(run_id, {'state': 'failed', 'reason': f'refused: {e}'})
             return
         key = job.semaphore['key']
         if key and not params.get(key):

@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 import os
+import pwd
+import re
 import shutil
 import signal
 import sqlite3
@@ -13,33 +15,31 @@ import subprocess
 import sys
 import time
 import urllib.request
+from urllib.parse import urlsplit
 
 from . import defaults
 from .cli import LogfmtFormatter
+from .files import UnsafePath, state_dir, write_new
 from .jobfile import load_jobs
 
 log = logging.getLogger('jobz.stack')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The handler sockets as mongrel2.conf names them, relative to Mongrel2's chroot.
+M2_SOCKETS = {'m2_recv': 'handlers/jobz.req', 'm2_send': 'handlers/jobz.rep',
+              'm2_tls_recv': 'handlers/tls.req', 'm2_tls_send': 'handlers/tls.rep'}
+M2_USER = 'nobody'    # Mongrel2 started as root drops to the owner of its chroot: this user
 
 
-def render_mongrel2_conf(template: str, port: int, m2_recv: str, m2_send: str, bind: str = '127.0.0.1',
-                         tls_port: int = defaults.TLS_PORT, m2_tls_recv: str = defaults.M2_TLS_RECV,
-                         m2_tls_send: str = defaults.M2_TLS_SEND, tls_bind: str = '0.0.0.0') -> str:
-    """mongrel2.conf with our ports and addresses (each must appear exactly once)."""
-    swaps = [('port=6769', f'port={port}'),
-             (f"send_spec='{defaults.M2_RECV}'", f"send_spec='{m2_recv}'"),
-             (f"recv_spec='{defaults.M2_SEND}'", f"recv_spec='{m2_send}'"),
-             ("bind_addr='127.0.0.1'", f"bind_addr='{bind}'"),
-             (f'port={defaults.TLS_PORT}', f'port={tls_port}'),
-             (f"send_spec='{defaults.M2_TLS_RECV}'", f"send_spec='{m2_tls_recv}'"),
-             (f"recv_spec='{defaults.M2_TLS_SEND}'", f"recv_spec='{m2_tls_send}'"),
-             ("bind_addr='0.0.0.0'", f"bind_addr='{tls_bind}'")]
-    for i, (old, _) in enumerate(swaps):    # mark every spot first, so no new value is matched again
-        if template.count(old) != 1:
-            raise ValueError(f'mongrel2.conf: expected {old!r} exactly once')
-        template = template.replace(old, f'\0{i}\0')
-    for i, (_, new) in enumerate(swaps):
-        template = template.replace(f'\0{i}\0', new)
+def render_mongrel2_conf(template: str, port: int, chroot: str, bind: str = '127.0.0.1',
+                         tls_port: int = defaults.TLS_PORT, tls_bind: str = '127.0.0.1') -> str:
+    """mongrel2.conf with our ports, bind addresses and chroot (each spot must be where it is expected)."""
+    swaps = [(r"(bind_addr=)'127\.0\.0\.1'(,[^\n]*\n\s*port=)6769\b", rf"\g<1>'{bind}'\g<2>{port}", 1),
+             (r"(bind_addr=)'127\.0\.0\.1'(,[^\n]*\n\s*port=)6443\b", rf"\g<1>'{tls_bind}'\g<2>{tls_port}", 1),
+             (r"chroot='\./'", f"chroot='{chroot}'", 2)]
+    for pattern, replacement, count in swaps:
+        template, n = re.subn(pattern, replacement, template)
+        if n != count:
+            raise ValueError(f'mongrel2.conf: expected {pattern!r} {count} time(s), found it {n}')
     return template
 
 
@@ -61,8 +61,8 @@ class Stack:
         self.home = os.path.abspath(home)
         self.jobs = [os.path.abspath(j) for j in jobs]
         self.port = port
-        self.ports = {'pub': 6770, 'router': 6771, 'm2_recv': 6772, 'm2_send': 6773,
-                      'm2_tls_recv': 6774, 'm2_tls_send': 6775} | (ports or {})
+        self.ports = {'pub': 6770, 'router': 6771} | (ports or {})
+        self.chroot = os.path.join(self.home, 'mongrel2')    # Mongrel2's; it binds the handler sockets in it
         self.python = python
         self.worker_args = list(worker_args)
         self.mongrel2_conf = mongrel2_conf or os.path.join(ROOT, 'mongrel2.conf')
@@ -77,9 +77,11 @@ class Stack:
         self.tls_url = f'https://{tls_bind}:{tls_port}'
 
     def addr(self, name: str) -> str:
-        # Mongrel2's handler sockets stay on loopback: whoever reaches them can read requests.
-        host = '127.0.0.1' if name.startswith('m2_') else self.bind
-        return f'tcp://{host}:{self.ports[name]}'
+        if name in M2_SOCKETS:
+            # ipc:// files in a folder only Mongrel2 and the broker reach: whoever can connect to them
+            # can take requests (and a loopback TCP port is open to every local user).
+            return f'ipc://{self.chroot}/{M2_SOCKETS[name]}'
+        return f'tcp://{self.bind}:{self.ports[name]}'
 
     def links(self) -> list[str]:
         return ['--pub', self.addr('pub'), '--router', self.addr('router'), '--url', self.url]
@@ -109,7 +111,10 @@ class Stack:
             '--m2-send', self.addr('m2_send'), *self.broker_args,
             *(['--m2-tls-recv', self.addr('m2_tls_recv'), '--m2-tls-send', self.addr('m2_tls_send')]
               if self.tls else []),
-            *(['--clients', self.clients] if self.clients else [])])
+            *(['--clients', self.clients] if self.clients else []),
+            # The names this stack's own URLs use, besides the loopback names.
+            '--hostnames', ','.join(dict.fromkeys([*defaults.HOSTNAMES.split(','), urlsplit(self.url).hostname,
+                                                   urlsplit(self.tls_url).hostname]))])
 
     def start_worker(self, name: str, *extra: str) -> None:
         self.spawn(name, self.script('worker.py') + [
@@ -121,46 +126,77 @@ class Stack:
             '--name', name, '--jobs', *self.jobs, '--home', self.home, *self.links(), *extra])
 
     def start_mongrel2(self) -> None:
-        chroot = os.path.join(self.home, 'mongrel2')
-        for sub in ('logs', 'run', 'tmp'):
-            os.makedirs(os.path.join(chroot, sub), exist_ok=True)
+        """Load mongrel2.conf and start Mongrel2 (and its HTTPS server) on our ports.
+
+        As root, Mongrel2 reads its config from a folder only root can write, then chroots and
+        drops to the owner of the chroot: M2_USER. Not as root it cannot chroot and runs in its
+        chroot folder as it is, so config and chroot are then one folder."""
+        root = os.geteuid() == 0
+        state_dir(self.home)
+        chroot = self._m2_folder(self.chroot, 0o755)
+        for sub, mode in (('logs', 0o755), ('run', 0o755), ('tmp', 0o700), ('handlers', 0o700)):
+            self._m2_folder(os.path.join(chroot, sub), mode)
+        if max(len(self.addr(n).encode()) for n in M2_SOCKETS) - len('ipc://') > 107:    # sun_path holds 108
+            raise RuntimeError(f'{self.home}: too long a path for the handler sockets in it; use a shorter --home')
+        config = state_dir(os.path.join(self.home, 'mongrel2-config')) if root else chroot
         with open(self.mongrel2_conf, encoding='utf-8') as f:
-            conf = render_mongrel2_conf(f.read(), self.port, self.addr('m2_recv'), self.addr('m2_send'),
-                                        self.bind, self.tls_port, self.addr('m2_tls_recv'),
-                                        self.addr('m2_tls_send'), self.tls_bind)
+            conf = render_mongrel2_conf(f.read(), self.port, chroot, self.bind, self.tls_port, self.tls_bind)
         if self.tls:
-            # Mongrel2 reads certdir/<server uuid>.crt/.key and ssl.ca_chain before it chroots.
-            certs = os.path.join(chroot, 'certs')
-            os.makedirs(certs, mode=0o700, exist_ok=True)
-            for src, dst in (('servers/jobz-tls.crt', 'jobz-tls.crt'), ('servers/jobz-tls.key', 'jobz-tls.key'),
-                             ('ca.crt', 'ca.crt')):
-                shutil.copyfile(os.path.join(self.tls, src), os.path.join(certs, dst))
-            os.chmod(os.path.join(certs, 'jobz-tls.key'), 0o600)
-        with open(os.path.join(chroot, 'mongrel2.conf'), 'w', encoding='utf-8') as f:
+            # Mongrel2 reads ssl.ca_chain (relative to where it starts) before it chroots, and
+            # certdir/<server uuid>.crt/.key inside the chroot before it drops privileges.
+            for folder, files in ((os.path.join(config, 'certs'), (('ca.crt', 'ca.crt', 0o644),)),
+                                  (os.path.join(chroot, 'certs'), (('servers/jobz-tls.crt', 'jobz-tls.crt', 0o644),
+                                                                   ('servers/jobz-tls.key', 'jobz-tls.key', 0o600)))):
+                state_dir(folder)
+                os.chmod(folder, 0o755)
+                for src, dst, mode in files:
+                    with open(os.path.join(self.tls, src), 'rb') as f:
+                        data = f.read()
+                    if os.path.lexists(os.path.join(folder, dst)):
+                        os.unlink(os.path.join(folder, dst))
+                    write_new(os.path.join(folder, dst), data, mode)
+        with open(os.path.join(config, 'mongrel2.conf'), 'w', encoding='utf-8') as f:
             f.write(conf)
-        db = os.path.join(chroot, 'config.sqlite')
-        if os.path.exists(db):
+        db = os.path.join(config, 'config.sqlite')
+        if os.path.lexists(db):
             os.unlink(db)
         load = subprocess.run(['m2sh', 'load', '-config', 'mongrel2.conf', '-db', 'config.sqlite'],
-                              cwd=chroot, capture_output=True, text=True, env=dict(os.environ, LOGNAME='root'))
+                              cwd=config, capture_output=True, text=True, env=dict(os.environ, LOGNAME='root'))
         if load.returncode or not _has_server(db):
             # m2sh exits 0 even when the file does not parse: look at what it loaded.
             raise RuntimeError(f'm2sh could not load {self.mongrel2_conf}:\n{load.stdout}{load.stderr}')
-        self._run_mongrel2(chroot, 'mongrel2', 'jobz', 'mongrel2.pid')
+        self._run_mongrel2(config, 'mongrel2', 'jobz', 'mongrel2.pid')
         if self.tls:
-            self._run_mongrel2(chroot, 'mongrel2-tls', 'jobz-tls', 'mongrel2-tls.pid')
+            self._run_mongrel2(config, 'mongrel2-tls', 'jobz-tls', 'mongrel2-tls.pid')
 
-    def _run_mongrel2(self, chroot: str, name: str, uuid: str, pid_name: str) -> None:
-        pid_file = os.path.join(chroot, 'run', pid_name)
-        if os.path.exists(pid_file):
+    def _m2_folder(self, path: str, mode: int) -> str:
+        """A folder of Mongrel2's chroot, owned by the user it runs as (M2_USER when we are root)."""
+        if not os.path.isdir(path) or os.path.islink(path):
+            if os.path.islink(path):
+                os.unlink(path)
+            os.mkdir(path, mode)
+        os.chmod(path, mode)
+        if os.geteuid() == 0:
+            user = pwd.getpwnam(M2_USER)
+            os.chown(path, user.pw_uid, user.pw_gid)
+        return path
+
+    def _run_mongrel2(self, config: str, name: str, uuid: str, pid_name: str) -> None:
+        pid_file = os.path.join(self.chroot, 'run', pid_name)
+        if os.path.lexists(pid_file):
             os.unlink(pid_file)    # left by a killed mongrel2; it refuses to start otherwise
-        with open(os.path.join(chroot, 'logs', name + '.out'), 'ab') as out:
-            self.spawn(name, ['mongrel2', 'config.sqlite', uuid], cwd=chroot,
-                       stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, LOGNAME='root'))
+        # umask 077: the handler sockets it creates are for its owner (and root, the broker here).
+        # Its output goes to the log folder or our home, never to the folder it owns (we may be root).
+        argv, kw = ['mongrel2', 'config.sqlite', uuid], dict(cwd=config, umask=0o077, env=dict(os.environ, LOGNAME='root'))
+        if self.log_dir:
+            self.spawn(name, argv, **kw)
+            return
+        with open(os.path.join(self.home, name + '.out'), 'ab') as out:
+            self.spawn(name, argv, stdout=out, stderr=subprocess.STDOUT, **kw)
 
     def start(self, workers=('local',), semaphore: bool = True, timeout: float = 30.0) -> None:
         """Start everything; `workers` holds names, or (name, [extra worker flags]) pairs."""
-        os.makedirs(self.home, exist_ok=True)
+        state_dir(self.home)
         jobs = load_jobs(self.jobs)    # fail here, loudly, before anything starts
         self.start_broker()
         for worker in workers:
@@ -223,8 +259,8 @@ def main(argv=None) -> int:
                     help='a jobz-ca folder: also serve HTTPS with client certificates (default: off; env JOBZ_CA)')
     ap.add_argument('--tls-port', type=int, default=int(os.environ.get('JOBZ_TLS_PORT', defaults.TLS_PORT)),
                     help=f'HTTPS port (default: {defaults.TLS_PORT}; env JOBZ_TLS_PORT)')
-    ap.add_argument('--tls-bind', default=os.environ.get('JOBZ_TLS_BIND', '0.0.0.0'),
-                    help='HTTPS address (default: 0.0.0.0; env JOBZ_TLS_BIND)')
+    ap.add_argument('--tls-bind', default=os.environ.get('JOBZ_TLS_BIND', '127.0.0.1'),
+                    help='HTTPS address (default: 127.0.0.1; env JOBZ_TLS_BIND)')
     ap.add_argument('--clients', default=os.environ.get('JOBZ_CLIENTS'),
                     help='folder of client certificates allowed on HTTPS (default: any from the CA; env JOBZ_CLIENTS)')
     args = ap.parse_args(argv)
@@ -233,6 +269,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     if shutil.which('mongrel2') is None:
         sys.exit('error: mongrel2 is not installed (apt-get install mongrel2-core)')
+    try:
+        state_dir(args.home)
+    except UnsafePath as e:
+        sys.exit(f'error: --home: {e}')
     stack = Stack(args.home, args.jobs.split(':'), port=args.port, tls=args.ca, tls_port=args.tls_port,
                   tls_bind=args.tls_bind, clients=args.clients)
     stopping = []

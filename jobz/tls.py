@@ -1,9 +1,9 @@
 """TLS helpers: the broker's folder of enrolled client certificates, and the agents' HTTPS client."""
 import logging
-import os
 import ssl
 
-from .ca import CAError, fingerprint
+from .ca import CAError, allowed_jobs, pem_fingerprint, read_cert
+from .files import WatchedFolder
 
 log = logging.getLogger('jobz.tls')
 
@@ -11,28 +11,31 @@ log = logging.getLogger('jobz.tls')
 class ClientCerts:
     """A folder of client certificates (NAME.crt) whose holders may call the TLS front end.
 
-    Mongrel2 has no revocation list: removing a file here revokes that client within seconds."""
+    A file that starts with `# jobs: deploy_*,report` (jobz-ca client --jobs) lets its holder start
+    only those jobs. Mongrel2 has no revocation list: removing a file here revokes that client
+    within seconds."""
 
     def __init__(self, folder: str):
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f'{folder}: no such folder of client certificates')
-        self.folder = folder
+        self.watch = WatchedFolder(folder, '.crt')
         self.names: dict[str, str] = {}     # 40 upper-case hex digits of the SHA1 -> name
-        self.signature = None
+        self.jobs: dict[str, tuple[str, ...] | None] = {}    # name -> job patterns it may start (None: any)
         self.refresh()
 
     def refresh(self) -> None:
-        files = sorted(f for f in os.listdir(self.folder) if f.endswith('.crt'))
-        signature = [(f, os.stat(os.path.join(self.folder, f)).st_mtime_ns) for f in files]
-        if signature == self.signature:
+        files = self.watch.changed()
+        if files is None:
             return
-        names = {}
-        for f in files:
+        names, jobs = {}, {}
+        for name, path in files:
             try:
-                names[fingerprint(os.path.join(self.folder, f))[:40]] = f[:-len('.crt')]
+                text = read_cert(path)
+                names[pem_fingerprint(text, path)[:40]] = name
             except CAError as e:
-                log.error('%s; ignored', e)
-        self.names, self.signature = names, signature
+                if not isinstance(e.__cause__, FileNotFoundError):    # removed while we looked: revoked
+                    log.error('%s; ignored', e)
+                continue
+            jobs[name] = allowed_jobs(text)
+        self.names, self.jobs = names, jobs
         log.info('enrolled clients: %s', ', '.join(sorted(names.values())) or 'none')
 
     def name_of(self, fp: str) -> str | None:

@@ -4,21 +4,13 @@ import hashlib
 import itertools
 import os
 import re
-from urllib.parse import parse_qsl, urlsplit
 
-from .jobfile import Job, release_key
+from .jobfile import Job, release_key, target_job
 from .journal import Journal
 
 MAX_CHAIN = 300    # runs in one chain answer; a bigger one is cut (and says so)
 MAX_GATES = 200
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'page.html')
-
-
-def target_job(url: str | None) -> str | None:
-    """The job a handler URL template triggers, if it is a job_start."""
-    if not url or not urlsplit(url).path.endswith('/job_start'):
-        return None
-    return dict(parse_qsl(urlsplit(url).query)).get('job_name')
 
 
 class Gates:

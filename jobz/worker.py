@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from .agent import Agent
 from .cli import about
-from .jobfile import NAME_RE, Job, UNSAFE_RE, link_url, render_command, render_url
+from .jobfile import Job, check_call, handler_key, link_url, render_command, render_url
 
 log = logging.getLogger('jobz.worker')
 SHELL = '/bin/sh'
@@ -89,7 +89,7 @@ class Worker:
         """Report a call that did not run to its end (interrupted, expired); on_failure still fires."""
         job = self.jobs.get(call.get('job'))
         urls = self.handler_urls(job, call, state, None) if job else []
-        self.agent.finish(str(call['run_id']), {'state': state, 'reason': reason}, urls)
+        self.agent.finish(str(call['run_id']), {'state': state, 'reason': reason, 'finished': time.time()}, urls)
 
     def request_stop(self, signum=None, frame=None) -> None:
         # Only set a flag: the loop does the work, outside the signal handler.
@@ -168,16 +168,17 @@ class Worker:
             call = self.queue.popleft()
             expires = call.get('expires_at')
             if isinstance(expires, (int, float)) and time.time() > expires:
-                log.warning('run %s expired before it could start; not running it', call.get('run_id'),
+                # Info, not a warning: the job asked for it (`expires:`), and its result says so.
+                log.info('run %s expired before it could start; not running it', call.get('run_id'),
                             extra=about(call.get('run_id'), call.get('job')))
                 self.report_unrun(call, 'expired', 'expired before it could start '
                                   f'({time.time() - expires:.0f}s past its deadline)')
                 continue
             try:
                 job, command, env = self.prepare(call)
-            except ValueError as e:
-                log.error('run %s: %s', call.get('run_id'), e, extra=about(call.get('run_id'), call.get('job')))
-                self.agent.finish(str(call['run_id']), {'state': 'failed', 'reason': str(e)})
+            except Exception as e:    # whatever a call holds, it never takes the worker down
+                log.error('run %s: refused: %s', call.get('run_id'), e, extra=about(call.get('run_id'), call.get('job')))
+                self.agent.finish(str(call['run_id']), {'state': 'failed', 'reason': f'refused: {e}'})
                 continue
             batch.append((call, job, command, env))
         if batch:
@@ -186,23 +187,13 @@ class Worker:
 
     def prepare(self, call: dict) -> tuple[Job, str, dict]:
         """Check a call against this worker's own job files; raise ValueError with the reason."""
-        if not NAME_RE.match(str(call.get('run_id'))):
-            raise ValueError('call has a malformed run id')    # it names files: no '../' from a broker
         job = self.jobs.get(call.get('job'))
         if job is None or not job.command:
             raise ValueError(f"no command for job {call.get('job')!r} on worker {self.name}")
-        params = call.get('params')
-        if not isinstance(params, dict):
-            raise ValueError('call has no parameters')
-        for k, v in params.items():
-            # Checked again here: a broker must never be able to make us run new shell words.
-            if not isinstance(v, str) or UNSAFE_RE.search(v) or UNSAFE_RE.search(k):
-                raise ValueError(f'unsafe value for parameter {k!r}; refused')
-        values = dict(params, job_name=job.name, run_id=str(call['run_id']))
-        try:
-            command = render_command(job.command, values)
-        except KeyError as e:
-            raise ValueError(f'missing value for placeholder {e.args[0]!r}') from None
+        check_call(call, job)    # a broker must never be able to make us run new shell words
+        params = call['params']
+        values = dict(params, job_name=job.name, run_id=call['run_id'])
+        command = render_command(job.command, values)
         env = dict(self.environ, JOBZ_RUN_ID=values['run_id'], JOBZ_JOB=job.name,
                    JOBZ_WORKER=self.name, JOBZ_URL=self.url)
         env.update({f'JOBZ_PARAM_{k.upper()}': v for k, v in params.items()})
@@ -230,7 +221,7 @@ class Worker:
             finally:
                 os.close(out)
             pidfd = os.pidfd_open(pid)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             log.error('run %s: cannot start: %s', run_id, e, extra=about(run_id, job.name))
             self.agent.finish(run_id, {'state': 'failed', 'reason': f'cannot start: {e}'})
             return
@@ -299,4 +290,4 @@ class Worker:
             log.error('run %s: handler URL needs %r, which the call does not carry', call['run_id'], e.args[0],
                       extra=about(call['run_id'], job.name))
             return []
-        return [link_url(url, call['run_id'], f"{call['run_id']}.{self.name}.{state}")]
+        return [link_url(url, call['run_id'], handler_key(call['run_id'], self.name, state))]

@@ -48,7 +48,7 @@ defaulted:
   defaults: {region: eu}
 """
 SAFE_RE = re.compile(r'[A-Za-z0-9_.,:@+=/-]*\Z')
-OK_STATUSES = {200, 400, 404, 405, 413}      # 500 is never acceptable for a client's input
+OK_STATUSES = {200, 400, 403, 404, 405, 409, 413}      # 500 is never acceptable for a client's input
 RESULT_STATES = ('pending', 'running') + p.FINAL_STATES
 
 
@@ -86,13 +86,13 @@ def strict_json(data: bytes):
 def oracle_parse(raw: bytes):
     """The Mongrel2 format, `SENDER CONN_ID PATH LEN:HEADERS,LEN:BODY,`, parsed independently of jobz.m2.
 
-    Returns (sender, conn_id, headers, body, strict) or None for a message that does not parse;
+    Returns (sender, conn_id, path, headers, body, strict) or None for a message that does not parse;
     `strict` is False for headers that are JSON only once their bytes are read leniently: Mongrel2
     passes a client's header bytes through as they came (say Latin-1), so a broker may answer those."""
     parts = raw.split(b' ', 3)
     if len(parts) != 4:
         return None
-    sender, conn_id, _, rest = parts
+    sender, conn_id, path, rest = parts
     fields = []
     for _ in range(2):
         m = re.match(rb'([0-9]{1,10}):', rest)
@@ -116,7 +116,28 @@ def oracle_parse(raw: bytes):
         return None
     if not isinstance(headers, dict):
         return None
-    return sender, conn_id, headers, fields[1], strict
+    return sender, conn_id, path, headers, fields[1], strict
+
+
+def is_disconnect_body(body: bytes) -> bool:
+    try:
+        return json.loads(body).get('type') == 'disconnect'
+    except (ValueError, AttributeError, RecursionError):
+        return False
+
+
+KEEP_ALIVE = b'31:3:ctl,21:10:keep-alive,4:true!}]'    # Mongrel2's control message: ["ctl", {"keep-alive": true}]
+
+
+def recv_reply(sock: zmq.Socket) -> dict:
+    """The next HTTP reply on Mongrel2's reply socket; keep-alives for held requests are checked and skipped."""
+    while True:
+        raw = sock.recv()
+        sender, _, rest = raw.partition(b' ')
+        if re.match(rb'[0-9]+:X ', rest):
+            assert raw.endswith(b', ' + KEEP_ALIVE), f'a control message that is not a keep-alive: {raw[:200]!r}'
+            continue
+        return parse_reply(raw)
 
 
 def parse_reply(raw: bytes) -> dict:
@@ -142,7 +163,8 @@ def parse_reply(raw: bytes) -> dict:
                                             b'text/html; charset=utf-8'), headers
     assert re.fullmatch(rb'[0-9]+', headers.get(b'content-length', b'')), headers
     return {'sender': sender, 'ids': ids, 'status': int(status_line.group(1)),
-            'length': int(headers[b'content-length']), 'body': body}
+            'length': int(headers[b'content-length']), 'body': body,
+            'json': headers[b'content-type'] == b'application/json'}
 
 
 class Records(logging.Handler):
@@ -204,7 +226,7 @@ class BrokerRig:
         self.broker.step()
         deadline = time.monotonic() + 0.5
         while self.replies.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            if parse_reply(self.replies.recv())['ids'] == conn:
+            if recv_reply(self.replies)['ids'] == conn:
                 return True
         return False
 
@@ -222,7 +244,7 @@ class BrokerRig:
         before = []
         while True:
             assert self.replies.poll(3000), 'the broker stopped answering /health'
-            reply = parse_reply(self.replies.recv())
+            reply = recv_reply(self.replies)
             if reply['ids'] == conn and reply['sender'] == b'rig':
                 return reply, before
             before.append(reply)
@@ -234,7 +256,7 @@ class BrokerRig:
         headers = json.dumps({'METHOD': 'GET', 'PATH': path, 'QUERY': query}).encode()
         self.feed_http(m2_message(b'rig', conn, path.encode(), headers, b''))
         assert self.replies.poll(3000), f'no answer to GET {path}?{query}'
-        reply = parse_reply(self.replies.recv())
+        reply = recv_reply(self.replies)
         assert reply['ids'] == conn, reply
         return reply
 
@@ -423,7 +445,9 @@ def well_framed(draw):
     """A message with correct netstrings; headers are usually a JSON object, sometimes not."""
     sender = draw(st.one_of(st.just(b'34f9ceee-cd52-4b7f-b197-88bf2f0ec378'), st.binary(max_size=12)))
     conn_id = draw(st.one_of(st.integers(0, 10 ** 6).map(lambda i: str(i).encode()), st.binary(max_size=8)))
-    path = draw(st.one_of(st.just(b'/'), st.binary(max_size=12)))
+    path = draw(st.one_of(st.just(b'/'), st.just(b'@*'), st.binary(max_size=12)))
+    if path == b'@*' and draw(st.booleans()):    # what Mongrel2 sends when a client has gone
+        return m2_message(sender, conn_id, path, b'{"METHOD":"JSON"}', b'{"type":"disconnect"}')
     shape = draw(st.sampled_from(range(13)))
     if shape <= 8:
         headers = json.dumps(draw(header_dicts()), ensure_ascii=draw(st.booleans())).encode()
@@ -506,17 +530,19 @@ def check_http_message(rig: BrokerRig, raw: bytes, seen) -> None:
         assert any('does not parse' in r.getMessage() for r in records), 'a dropped message was not logged'
         assert not new_runs
         return
-    sender, conn_id, headers, body, strict = parsed
+    sender, conn_id, path, headers, body, strict = parsed
     if not strict and not replies:
         seen['not utf-8'] += 1
         assert not new_runs
         return
     method = str(headers.get('METHOD', ''))
-    if method == 'JSON':
-        seen['json'] += 1
-        assert replies == [], 'a JSON (disconnect) message was answered'
+    if method == 'JSON' and path.startswith(b'@') and is_disconnect_body(body):
+        seen['disconnect'] += 1
+        assert replies == [], 'a disconnect message was answered'
         assert not new_runs
         return
+    if method == 'JSON':    # a client's own request with method JSON: answered like any other
+        seen['json'] += 1
     assert len(replies) == 1, f'{len(replies)} replies to one request'
     reply = replies[0]
     seen[reply['status']] += 1
@@ -525,7 +551,7 @@ def check_http_message(rig: BrokerRig, raw: bytes, seen) -> None:
         f"status {reply['status']}: {reply['body'][:300]!r}"
     if method == 'HEAD':
         assert reply['body'] == b''
-    else:
+    elif reply['json']:
         assert len(reply['body']) == reply['length']
         answer = json.loads(reply['body'])
         assert isinstance(answer, dict)
@@ -562,13 +588,15 @@ def test_http_edge_survives_any_mongrel2_message(http_rig):
     @example(raw=trigger('GET', 'job_name=touch&name=w&wait=0'))
     @example(raw=trigger('GET', 'job_name=dated&date=2026_11_28%0a'))
     @example(raw=trigger('JSON', '', b'{"type":"disconnect"}'))
+    @example(raw=m2_message(b'front', b'42', b'@*', b'{"METHOD":"JSON"}', b'{"type":"disconnect"}'))
     def check(raw):
         note(f'message: {short(raw)}')
         check_http_message(http_rig, raw, seen)
 
     check()
     # The generators must reach every branch, or the properties above say little.
-    assert seen['unparsed'] and seen['json'] and seen[200] and seen[400] and seen[404] and seen[405], seen
+    assert seen['unparsed'] and seen['json'] and seen['disconnect'] and seen[200] and seen[400] and seen[404] \
+        and seen[405], seen
     assert seen['run'] >= 4, seen
 
 
@@ -576,7 +604,7 @@ def test_header_value_in_latin1_is_answered(http_rig):
     """Reproducer: `curl -H $'X-Name: caf\\xe9' .../health` through the real Mongrel2 gets no answer until
     limits.min_ping (an hour here): Mongrel2 forwards the header bytes as they came, the broker's
     strict UTF-8 JSON parse drops the whole request, and nobody ever answers the client."""
-    headers = (b'{"PATH":"/health","host":"x","x-name":"caf\xe9","METHOD":"GET","VERSION":"HTTP/1.1",'
+    headers = (b'{"PATH":"/health","host":"localhost","x-name":"caf\xe9","METHOD":"GET","VERSION":"HTTP/1.1",'
                b'"URI":"/health","PATTERN":"/","REMOTE_ADDR":"127.0.0.1"}')
     http_rig.feed_http(m2_message(b'front', b'77', b'/', headers, b''))
     _, replies = http_rig.health()
@@ -807,7 +835,7 @@ def test_bad_worker_message_does_not_fail_a_trigger_in_the_same_burst(worker_rig
     assert rig.broker.m2.reqs.poll(2000) and rig.broker.router.poll(2000)
     rig.broker.step()    # both messages in one burst, as under load
     assert rig.replies.poll(3000)
-    reply = parse_reply(rig.replies.recv())
+    reply = recv_reply(rig.replies)
     rig.log.take()
     assert reply['ids'] == conn
     assert reply['status'] == 200, f"a valid trigger was refused because of a worker's message: " \
@@ -876,7 +904,7 @@ class AgentRig:
             while True:    # leftovers of earlier agents (BYE, SYNC) come first
                 assert self.router.poll(max(1, int((deadline - time.monotonic()) * 1000))), 'no SYNC from the agent'
                 frames = self.router.recv_multipart()
-                if frames[0] == name.encode() and frames[1] == p.SYNC:
+                if frames[0] == agent.dealer.routing_id and frames[1] == p.SYNC:
                     break
             hello = f'hello-{uuid.uuid4().hex}'
 
@@ -971,7 +999,7 @@ def drive_agent(rig: AgentRig, pub_garbage, router_garbage) -> list[dict]:
     """Send garbage, then one good call each way; poll until both good calls come out; return every call."""
     agent = rig.agent()
     try:
-        ident = agent.name.encode()
+        ident = agent.dealer.routing_id
         for frames in pub_garbage:
             rig.pub.send_multipart(frames)
         for frames in router_garbage:

@@ -282,7 +282,7 @@ def test_missing_placeholder_is_named():
 
 
 def test_missing_placeholder_of_handler_url_is_named():
-    chained = job('echo hi', on_success='/job_start?job_name=next&day=%(day)s&rc=%(rc)s')
+    chained = job('echo hi', on_success='/job_start?job_name=next&day=%(day)s&code=%(rc)s')
     with pytest.raises(ParamError, match="'day'") as info:
         prepare_params(chained, {})
     assert 'rc' not in str(info.value)    # a built-in, filled in by the worker

@@ -68,8 +68,15 @@ def test_missing_headers_give_empty_method_and_query():
 # -- disconnect notices ------------------------------------------------------------
 
 def test_disconnect_detected():
-    req = Request.parse(message({'METHOD': 'JSON', 'PATH': '/job_start'}, b'{"type":"disconnect"}'))
+    # As Mongrel2 1.12.2 sends it (seen on the wire): path @*, headers {"METHOD":"JSON"}.
+    req = Request.parse(message({'METHOD': 'JSON'}, b'{"type":"disconnect"}', path=b'@*'))
     assert req.is_disconnect()
+
+
+def test_a_client_request_with_method_json_is_not_a_disconnect():
+    # A client can send `JSON /job_start HTTP/1.1` with that body; it must be answered, not held.
+    req = Request.parse(message({'METHOD': 'JSON', 'PATH': '/job_start'}, b'{"type":"disconnect"}'))
+    assert not req.is_disconnect()
 
 
 @pytest.mark.parametrize('method, body', [

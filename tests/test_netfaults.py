@@ -115,6 +115,7 @@ def test_network_cut_without_rst(net, make_stack):
     ns = net.ns('w')
     _, dev = net.link('c', None, f'{broker}/30', ns, f'{worker}/30')
     stack = make_stack(JOBS, start=False, bind=broker)
+    stack.broker_args = ['--insecure']    # plain ZeroMQ beyond loopback: a test network of our own
     stack.prefix['w1'] = ['ip', 'netns', 'exec', ns]
     stack.start_broker()
     stack.start_mongrel2()
@@ -186,6 +187,7 @@ def test_workers_behind_inbound_drop_get_every_call(net, make_stack):
             proc.wait()
 
     stack = make_stack(JOBS, start=False, bind='0.0.0.0')
+    stack.broker_args = ['--insecure']    # plain ZeroMQ beyond loopback: a test network of our own
     stack.url = f'http://{prefix}.2:{stack.port}'
     stack.prefix['broker'] = stack.prefix['mongrel2'] = ['ip', 'netns', 'exec', a]
     stack.start_broker()

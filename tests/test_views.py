@@ -12,8 +12,8 @@ from conftest import TestStack, wait_for
 JOBS = r"""
 talk:
   # A line, then a pause the test ends, then more than the status's output tail.
-  command: "echo first line; while [ ! -e {out}/go-%(tag)s ]; do sleep 0.02; done; seq 1 3000; echo done >&2; exit %(rc)s"
-  defaults: {rc: '0'}
+  command: "echo first line; while [ ! -e {out}/go-%(tag)s ]; do sleep 0.02; done; seq 1 3000; echo done >&2; exit %(code)s"
+  defaults: {code: '0'}
 small:
   command: "seq 1 1000"
   topic: small
@@ -139,7 +139,7 @@ def metrics(stack) -> dict:
 def test_metrics_parse_and_count(stack):
     before = metrics(stack)
     ok = stack.start_job('job_name=talk&tag=m1')['run_id']
-    bad = stack.start_job('job_name=talk&tag=m2&rc=4')['run_id']
+    bad = stack.start_job('job_name=talk&tag=m2&code=4')['run_id']
     go(stack, 'go-m2')
     assert stack.wait_run(bad)['state'] == 'failed'
     during = metrics(stack)
