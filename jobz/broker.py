@@ -547,6 +547,8 @@ class Broker:
                  [({}, self.journal.size())])
         m.family('jobz_semaphore_gates_open', 'gauge', 'Gates with arrivals that have not released yet.',
                  [({'job': j}, n) for j, n in sorted(self.gates.open_counts().items())])
+        m.family('jobz_http_waiting', 'gauge', 'job_start?wait= requests held open for their run to end.',
+                 [({}, sum(len(w) for w in self.waiters.values()))])
         m.family('jobz_broker_uptime_seconds', 'gauge', 'Seconds since the broker started.',
                  [({}, round(time.time() - self.started, 3))])
         return m.text()

@@ -3,13 +3,16 @@ import contextlib
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
 import zmq
 
-from conftest import free_port, wait_for
+from conftest import ROOT, free_port, wait_for
 from jobz import keys, protocol as p
+from jobz.cli import is_loopback
 
 JOBS = """
 count:
@@ -215,3 +218,50 @@ def test_payload_is_not_readable_on_the_wire(make_stack, curve, secure):
         for tap in taps.values():
             tap.stop.set()
             tap.join(5)
+
+
+def test_a_peer_claiming_another_workers_routing_id_gets_nothing(make_stack, curve):
+    """w2's key, routing id 'w1': before, ROUTER handover gave it w1's slot (w1's direct calls, even on
+    topics w2's key may not have) and cut the real w1 off, silently."""
+    keys.main(['enroll', curve['key']('w1', False), '--enrolled', curve['enrolled'], '--topics', 'a,b'])
+    stack = start_secure(make_stack, curve, [('w1',)])    # limited to a,b: its live calls come directly
+    wait_for(lambda: stack.get('/workers')[1]['w1']['topics'] == ['a', 'b'], what='w1 with its topics')
+    ctx = zmq.Context()
+    thief = _raw_socket(ctx, zmq.DEALER, stack.addr('router'), curve['key']('w2'), curve['key']('broker', False),
+                        ident=b'w1')
+    try:
+        thief.send_multipart([p.SYNC, p.pack({'topics': ['a', 'b'], 'cursors': {}, 'running': 0})])
+        log = os.path.join(stack.log_dir, 'broker.log')
+        wait_for(lambda: "claiming to be 'w1' from key 'w2'" in open(log).read(), what='the attempt logged')
+        runs = [stack.start_job('job_name=other')['run_id'] for _ in range(3)]    # topic b: not w2's
+        for run in runs:
+            assert stack.wait_run(run)['workers']['w1']['state'] == 'succeeded'
+        assert sorted(stack.lines('ran-w1.txt')) == sorted(runs)    # the real w1 kept working
+        received = []
+        while thief.poll(1000):
+            received.append(thief.recv_multipart())
+        assert received == [], f'the thief received {received[:2]}'
+    finally:
+        thief.close()
+        ctx.term()
+
+
+@pytest.mark.parametrize('flag, addr', [('--pub', 'tcp://0.0.0.0:{port}'), ('--router', 'tcp://*:{port}'),
+                                        ('--pub', 'tcp://10.9.8.7:{port}')])
+def test_the_broker_refuses_plain_zeromq_beyond_loopback(tmp_path, flag, addr):
+    """Before: calls readable and results forgeable by anyone who reached the port."""
+    jobs = tmp_path / 'jobs.yaml'
+    jobs.write_text('quick:\n  command: "true"\n')
+    got = subprocess.run([sys.executable, os.path.join(ROOT, 'broker.py'), '--jobs', str(jobs),
+                          '--home', str(tmp_path / 'home'), flag, addr.format(port=free_port())],
+                         capture_output=True, text=True, timeout=20)
+    assert got.returncode == 2 and 'needs CURVE' in got.stderr and '--insecure' in got.stderr, got.stderr
+
+
+@pytest.mark.parametrize('addr, loopback', [('tcp://127.0.0.1:1', True), ('tcp://127.9.9.9:1', True),
+                                            ('tcp://localhost:1', True), ('tcp://[::1]:1', True),
+                                            ('ipc:///run/x', True), ('tcp://0.0.0.0:1', False),
+                                            ('tcp://*:1', False), ('tcp://eth0:1', False),
+                                            ('tcp://front.example:1', False), ('tcp://[::]:1', False)])
+def test_what_counts_as_loopback(addr, loopback):
+    assert is_loopback(addr) is loopback

@@ -1,5 +1,6 @@
 """Start-up, shutdown and outages: bad job files, warm and cold stops, a front end that is down."""
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import zmq
 
 from conftest import ROOT, free_port, http, wait_for
-from jobz import m2, protocol
+from jobz import ca, m2, protocol
 from jobz.broker import Broker
 from jobz.journal import Journal
 
@@ -88,10 +89,17 @@ def test_handler_call_retried_until_front_end_is_back(make_stack):
 
 
 def test_stack_main_runs_example_jobs_and_stops_cleanly(tmp_path):
-    """What `make run` runs: the shipped jobs/ folder, then SIGTERM stops every process."""
-    port = free_port()
-    env = dict(os.environ, JOBZ_PORT=str(port), JOBZ_HOME=str(tmp_path / 'var'),
-               JOBZ_JOBS=os.path.join(ROOT, 'jobs'))
+    """What `make run` runs: the shipped jobs/ folder, then SIGTERM stops every process.
+
+    With JOBZ_CA it serves HTTPS too, on loopback unless told otherwise, and Mongrel2 (started as
+    root) runs as an unprivileged user."""
+    port, tls_port = free_port(), free_port()
+    pki = str(tmp_path / 'ca')
+    ca.main(['--dir', pki, 'init'])
+    ca.main(['--dir', pki, 'server', 'jobz-tls', '--host', '127.0.0.1'])
+    env = dict(os.environ, JOBZ_PORT=str(port), JOBZ_HOME=str(tmp_path / 'var'), JOBZ_CA=pki,
+               JOBZ_TLS_PORT=str(tls_port), JOBZ_JOBS=os.path.join(ROOT, 'jobs'))
+    env.pop('JOBZ_TLS_BIND', None)
     proc = subprocess.Popen([PY, '-m', 'jobz.stack'], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -101,7 +109,15 @@ def test_stack_main_runs_example_jobs_and_stops_cleanly(tmp_path):
         assert status == 200 and body['state'] == 'succeeded'
         assert 'hello from' in list(body['workers'].values())[0]['output_tail']
         children = _children(proc.pid)
-        assert len(children) >= 4    # mongrel2, broker, worker, semaphore
+        assert len(children) >= 5    # mongrel2 twice, broker, worker, semaphore
+        mongrel2 = [c for c in children if open(f'/proc/{c}/comm').read().strip() == 'mongrel2']
+        assert len(mongrel2) == 2
+        for pid in mongrel2:
+            uids = [line.split()[1:] for line in open(f'/proc/{pid}/status') if line.startswith('Uid:')][0]
+            assert set(uids) == {str(pwd.getpwnam('nobody').pw_uid)}, uids
+        listening = subprocess.run(['ss', '-Hltn', f'sport = :{tls_port}'], capture_output=True, text=True,
+                                   timeout=10).stdout.split()
+        assert listening[3] == f'127.0.0.1:{tls_port}', listening
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=30)[0].decode()

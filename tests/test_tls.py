@@ -174,3 +174,47 @@ def test_ca_tool_gives_clear_errors_and_private_keys(tmp_path, capsys):
     assert os.stat(f'{folder}/ca.key').st_mode & 0o077 == 0
     assert os.stat(f'{folder}/clients/alice.key').st_mode & 0o077 == 0
     assert ca.fingerprint(f'{folder}/clients/alice.crt') in capsys.readouterr().out
+
+
+def test_a_client_enrolled_with_some_jobs_starts_only_those(stack, pki):
+    ca.main(['--dir', pki['ca'], 'client', 'carol', '--jobs', 'hel*,done'])
+    shutil.copy(f"{pki['ca']}/clients/carol.crt", pki['clients'])    # the `# jobs:` line travels with it
+    carol = pki['cert']('carol')
+    try:
+        wait_for(lambda: tls_get(stack, pki, '/jobs', carol)[0] == 200, what='carol enrolled')
+        assert sorted(tls_get(stack, pki, '/jobs', carol)[1]) == ['done', 'hello']
+        status, run = tls_get(stack, pki, '/job_start?job_name=hello&who=carol', carol)
+        assert status == 200 and stack.wait_run(run['run_id'])['triggered_by'] == 'carol'
+        status, body = tls_get(stack, pki, '/job_start?job_name=after&who=carol-direct', carol)
+        assert status == 403 and 'may not start job after' in body['error']
+        assert 'carol-direct' not in [r['params'].get('who') for r in stack.runs('after')]
+    finally:
+        os.unlink(os.path.join(pki['clients'], 'carol.crt'))
+
+
+def test_a_workers_certificate_starts_only_what_its_handlers_name(stack, pki):
+    w1 = pki['cert']('w1')    # the name of a worker the broker knows: its certificate is that worker's
+    assert sorted(tls_get(stack, pki, '/jobs', w1)[1]) == ['after', 'gate']    # hello's and after's handlers
+    status, body = tls_get(stack, pki, '/job_start?job_name=hello&who=stolen', w1)
+    assert status == 403
+    assert tls_get(stack, pki, '/jobs', pki['cert']('alice'))[1].keys() == {'hello', 'after', 'gate', 'done'}
+
+
+def test_over_https_only_a_runs_own_worker_may_link_to_it(stack, pki):
+    alice, w1 = pki['cert']('alice'), pki['cert']('w1')
+    status, run = tls_get(stack, pki, '/job_start?job_name=hello&who=linked', alice)
+    parent = run['run_id']
+    stack.wait_run(parent)
+    # Its handler's key belongs to w1: alice cannot take it (and so start `after` her way first).
+    status, body = tls_get(stack, pki, f'/job_start?job_name=after&who=evil&parent={parent}'
+                                       f'&key={parent}.w1.succeeded', alice)
+    assert status == 403 and 'belongs to worker w1' in body['error']
+    status, body = tls_get(stack, pki, f'/job_start?job_name=hello&who=evil&parent={parent}', alice)
+    assert status == 403 and f'only a worker of run {parent}' in body['error']
+    status, body = tls_get(stack, pki, f'/job_note?run_id={parent}&note=forged&worker=w1', alice)
+    assert status == 403
+    # The worker itself may, and its note is signed with its certificate's name, whatever it claims.
+    status, _ = tls_get(stack, pki, f'/job_note?run_id={parent}&note=real&worker=someone-else', w1)
+    assert status == 200
+    assert [(n['worker'], n['note']) for n in stack.status(parent)['notes']] == [('w1', 'real')]
+    assert 'evil' not in [r['params'].get('who') for r in stack.runs('after') + stack.runs('hello')]
