@@ -271,6 +271,11 @@ def test_jobz_user_and_local_users_cannot_reach_what_they_should_not(deployed):
     # Both Mongrel2 processes run as their own user, not root and not jobz.
     users = front.ssh('ps -o user:32= -C mongrel2', check=True).stdout.split()
     assert users == ['jobz-mongrel2', 'jobz-mongrel2'], users
+    # ... each with the unit's open-files limit (65536, or the most this host allows): Mongrel2 would
+    # cap it at 10240 without superpoll.max_fd.
+    out = front.ssh('ulimit -Hn; for p in $(pgrep -x mongrel2); do grep "open files" /proc/$p/limits; done',
+                    check=True).stdout.splitlines()
+    assert [int(line.split()[3]) for line in out[1:]] == [min(65536, int(out[0]))] * 2, out
     # Another local user cannot take requests off the handler sockets; the broker's user can.
     front.ssh('id eve || useradd -M eve', check=True)
     args = f'python3 -c {shlex.quote(UNIX)} ' + ' '.join(sockets)
