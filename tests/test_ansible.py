@@ -268,6 +268,11 @@ def test_jobz_user_and_local_users_cannot_reach_what_they_should_not(deployed):
                          ).stdout.split()
     sockets = [f'/var/lib/jobz-mongrel2/handlers/{n}' for n in ('jobz.req', 'jobz.rep', 'tls.req', 'tls.rep')]
     assert sorted(writable) == sorted(['/var/lib/jobz-mongrel2/handlers'] + sockets)
+    node1 = deployed['hosts']['node1']    # a worker host: its keys, job files, environment and unit too
+    assert node1.ssh('runuser -u jobz -- find /etc/jobz /etc/systemd/system /opt/jobz -writable 2>/dev/null; true'
+                     ).stdout.split() == []
+    assert node1.ssh('runuser -u jobz -- cat /etc/jobz/keys/node1.key_secret /etc/jobz/tls/node1.key >/dev/null'
+                     ).returncode == 0    # which it can read
     # Both Mongrel2 processes run as their own user, not root and not jobz.
     users = front.ssh('ps -o user:32= -C mongrel2', check=True).stdout.split()
     assert users == ['jobz-mongrel2', 'jobz-mongrel2'], users
@@ -328,6 +333,10 @@ def test_roles_refuse_plain_http_beyond_loopback(deployed):
     before = front.ssh('md5sum /etc/jobz/mongrel2/mongrel2.conf /etc/jobz/broker.env', check=True).stdout
     recap, out = deployed['rerun']('--limit', 'front', '-e', f'jobz_front_http_bind={front.addr}', ok=False)
     assert 'the plain HTTP front end has no authentication' in out, out[-3000:]
+    assert recap['front']['failed'] == 1 and recap['front']['changed'] == 0, recap
+    # The same for the broker's ports (on the front end's address here) without CURVE keys.
+    recap, out = deployed['rerun']('--limit', 'front', '-e', 'jobz_curve_keys=', ok=False)
+    assert f'jobz_front_zmq_bind={front.addr} without CURVE keys' in out, out[-3000:]
     assert recap['front']['failed'] == 1 and recap['front']['changed'] == 0, recap
     # Nothing changed, and the deployment still works as before.
     assert front.ssh('md5sum /etc/jobz/mongrel2/mongrel2.conf /etc/jobz/broker.env', check=True).stdout == before
