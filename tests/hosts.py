@@ -22,7 +22,10 @@ Pitfalls met on this machine, whose PID 1 is not systemd:
   --resolv-conf=off --timezone=off --link-journal=no keep it out of /etc: we write hostname,
   hosts, a fresh machine-id (an empty one means "first boot") and an empty resolv.conf;
 - the container's systemd ignores SIGRTMIN+3 (what nspawn sends on SIGTERM) early in its boot;
-- commands here run with a plain PATH, not the machine's python shims; use /usr/bin/python3.
+- commands here run with a plain PATH, not the machine's python shims; use /usr/bin/python3;
+- nspawn gives the container CAP_NET_ADMIN only with its own --private-network, not with
+  --network-namespace-path: without --capability=CAP_NET_ADMIN, nft inside says "Operation not
+  permitted" (the namespace is the host's own, so the capability reaches no further).
 """
 import fcntl
 import hashlib
