@@ -22,7 +22,10 @@ Pitfalls met on this machine, whose PID 1 is not systemd:
   --resolv-conf=off --timezone=off --link-journal=no keep it out of /etc: we write hostname,
   hosts, a fresh machine-id (an empty one means "first boot") and an empty resolv.conf;
 - the container's systemd ignores SIGRTMIN+3 (what nspawn sends on SIGTERM) early in its boot;
-- commands here run with a plain PATH, not the machine's python shims; use /usr/bin/python3.
+- commands here run with a plain PATH, not the machine's python shims; use /usr/bin/python3;
+- nspawn gives the container CAP_NET_ADMIN only with its own --private-network, not with
+  --network-namespace-path: without --capability=CAP_NET_ADMIN, nft inside says "Operation not
+  permitted" (the namespace is the host's own, so the capability reaches no further).
 """
 import fcntl
 import hashlib
@@ -41,7 +44,7 @@ import uuid
 CACHE = os.environ.get('JOBZ_TEST_ROOTS', '/var/tmp/jobz-test-roots')
 BASE = ['systemd', 'systemd-sysv', 'dbus', 'openssh-server', 'python3', 'python3-apt',
         'python3-packaging', 'iproute2']
-DEBS = ['mongrel2-core', 'python3-zmq', 'python3-yaml', 'python3-venv', 'curl']  # the deploy's
+DEBS = ['mongrel2-core', 'python3-zmq', 'python3-yaml', 'python3-venv', 'curl', 'nftables']  # the deploy's
 SUITE = 'bookworm'
 MIRRORS = ['deb http://deb.debian.org/debian bookworm main',
            'deb http://deb.debian.org/debian bookworm-updates main',
@@ -165,16 +168,21 @@ class Host:
             self.proc = subprocess.Popen(
                 ['systemd-nspawn', '--boot', '--register=no', '--keep-unit', '--resolv-conf=off',
                  '--timezone=off', '--link-journal=no', '--console=read-only', f'--hostname={self.name}',
+                 # nft inside needs it; the network namespace is the host's own, so it reaches no further.
+                 '--capability=CAP_NET_ADMIN',
                  f'--network-namespace-path=/run/netns/{self.ns}', '-M', self.machine, '-D', self.root],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=ENV,
                 start_new_session=True, preexec_fn=lambda: join_cgroups(self.cgroups))
 
+    def ssh_argv(self, cmd: str) -> list[str]:
+        """The ssh command line that runs shell `cmd` as root on the host (for Popen)."""
+        return ['ssh', '-F', '/dev/null', '-i', self.key, '-o', 'BatchMode=yes',
+                '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null',
+                '-o', 'LogLevel=ERROR', '-o', 'ConnectTimeout=5', f'root@{self.addr}', cmd]
+
     def ssh(self, cmd: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
         """Run shell `cmd` as root on the host."""
-        return run('ssh', '-F', '/dev/null', '-i', self.key, '-o', 'BatchMode=yes',
-                   '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null',
-                   '-o', 'LogLevel=ERROR', '-o', 'ConnectTimeout=5', f'root@{self.addr}', cmd,
-                   check=check, timeout=timeout)
+        return run(*self.ssh_argv(cmd), check=check, timeout=timeout)
 
     def wait_ssh(self, deadline: float) -> None:
         while True:

@@ -1,14 +1,18 @@
 """Deploy with Ansible onto three real hosts (systemd-nspawn containers with systemd), then use them.
 
-The front end (Mongrel2, broker, semaphore) and two worker hosts, deployed the secure way: HTTPS
-with client certificates from our own CA, CURVE between broker and agents, plain HTTP on the front
-end's loopback only. Deploy; deploy again and nothing changes; a trigger over HTTPS runs on both
-worker hosts and chains into a fan-in semaphore; a killed worker is restarted by systemd and
-catches up; a rebooted host comes back.
+The front end (Mongrel2, broker, semaphore) and two worker hosts, deployed the secure way the
+example inventory shows: HTTPS with client certificates from our own CA, CURVE between broker and
+agents, plain HTTP on the front end's loopback only; the playbook makes the CA, certificates and
+keys itself. Deploy; deploy again and nothing changes; a trigger over HTTPS runs on both worker
+hosts and chains into a fan-in semaphore; a killed worker is restarted by systemd and catches up;
+a rebooted host comes back. Then the attacks the secure layout is for: the plain ports from another
+host, the jobz user against what root reads, a local user against the handler sockets, one
+source opening too many connections, an inventory asking for plain HTTP on the network.
 """
 import json
 import os
 import re
+import shlex
 import ssl
 import subprocess
 import sys
@@ -21,7 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, wait_for
 from hosts import Hosts
-from jobz import ca, keys
 
 CATALOG = """
 where:                     # runs on every worker host: each notes where it ran
@@ -36,22 +39,25 @@ finish:
 ANSIBLE = os.path.join(os.path.dirname(sys.executable), 'ansible-playbook')
 # Building the Debian root (cold: about 25 s) and two deploys take longer than the usual bound.
 pytestmark = pytest.mark.timeout(900)
+LIMIT = 20     # jobz_front_conn_limit here: connections at once per source address and port
 
 
-def playbook(inventory: str, wheel: str, log: str) -> dict:
-    """Run site.yml; return the recap per host: {host: {'changed': n, 'failed': n, ...}}."""
+def playbook(inventory: str, wheel: str, log: str, *args: str, ok: bool = True) -> tuple[dict, str]:
+    """Run site.yml (with more ansible-playbook `args`); return the recap per host and the output.
+
+    The recap: {host: {'changed': n, 'failed': n, ...}}. With ok=False the run must fail."""
     env = dict(os.environ, ANSIBLE_HOST_KEY_CHECKING='False', ANSIBLE_NOCOLOR='1', ANSIBLE_FORCE_COLOR='0',
                ANSIBLE_PIPELINING='True',    # one ssh round trip per task, not three or four
                ANSIBLE_RETRY_FILES_ENABLED='False', PATH=os.path.dirname(sys.executable) + ':' + os.environ['PATH'])
     done = subprocess.run([ANSIBLE, '-i', inventory, os.path.join(ROOT, 'ansible', 'site.yml'),
-                           '-e', f'jobz_wheel={wheel}'], capture_output=True, text=True, env=env, timeout=600)
+                           '-e', f'jobz_wheel={wheel}', *args], capture_output=True, text=True, env=env, timeout=600)
     with open(log, 'a') as f:
         f.write(done.stdout + done.stderr)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert (done.returncode == 0) == ok, done.stdout[-4000:] + done.stderr[-2000:]
     recap = {}
     for host, counts in re.findall(r'^(\S+)\s+:\s+(ok=.*)$', done.stdout, re.M):
         recap[host] = {k: int(v) for k, v in re.findall(r'(\w+)=(\d+)', counts)}
-    return recap
+    return recap, done.stdout
 
 
 @pytest.fixture(scope='module')
@@ -64,26 +70,21 @@ def deployed(tmp_path_factory):
     (work / 'catalog' / 'jobs.yaml').write_text(CATALOG)
     with Hosts(['front', 'node1', 'node2'], str(work / 'hosts')) as hosts:
         front = hosts['front']
-        pki, kdir = str(work / 'ca'), str(work / 'keys')
-        agents = ['node1', 'node2', 'front-semaphore']
-        ca.main(['--dir', pki, 'init'])
-        ca.main(['--dir', pki, 'server', 'jobz-tls', '--host', front.addr])
-        for name in agents + ['tester']:
-            ca.main(['--dir', pki, 'client', name])
-        for name in ['broker'] + agents:
-            keys.main(['new', name, '--dir', kdir])
+        # The example inventory's settings; the playbook makes the CA, certificates and keys in jobz_pki_dir.
         inventory = {'all': {
             'vars': {'ansible_user': 'root', 'ansible_ssh_private_key_file': hosts.key,
                      'ansible_python_interpreter': '/usr/bin/python3',
                      'ansible_ssh_common_args': '-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null',
                      'ansible_control_path_dir': hosts.control_dir,
                      'jobz_apt_update': False,        # the hosts have no route to a mirror
-                     'jobz_ca_dir': pki, 'jobz_curve_keys': kdir,
+                     'jobz_pki_dir': str(work / 'pki'),
                      'jobz_front_jobs_dir': str(work / 'catalog'),
                      'jobz_semaphore_jobs_dir': str(work / 'catalog')},
             'children': {
-                'jobz_front': {'hosts': {'front': {'ansible_host': front.addr, 'jobz_front_zmq_bind': front.addr,
-                                                   'jobz_front_clients': ['tester']}}},
+                'jobz_front': {'hosts': {'front': {'ansible_host': front.addr, 'jobz_front_tls_bind': front.addr,
+                                                   'jobz_front_zmq_bind': front.addr,
+                                                   'jobz_front_clients': ['tester'],
+                                                   'jobz_front_conn_limit': LIMIT}}},
                 'jobz_semaphores': {'hosts': {'front': {}}},
                 'jobz_workers': {'hosts': {
                     name: {'ansible_host': hosts[name].addr,
@@ -92,19 +93,28 @@ def deployed(tmp_path_factory):
         path = str(work / 'inventory.yml')
         with open(path, 'w') as f:
             yaml.safe_dump(inventory, f)
-        first = playbook(path, wheel, str(work / 'ansible.log'))
-        second = playbook(path, wheel, str(work / 'ansible.log'))
+        log = str(work / 'ansible.log')
+        first, _ = playbook(path, wheel, log)
+        second, _ = playbook(path, wheel, log)
+        pki = str(work / 'pki' / 'ca')
         context = ssl.create_default_context(cafile=f'{pki}/ca.crt')
         context.load_cert_chain(f'{pki}/clients/tester.crt', f'{pki}/clients/tester.key')
-        yield {'hosts': hosts, 'url': f'https://{front.addr}:6443', 'context': context,
-               'pki': pki, 'first': first, 'second': second}
+        yield {'hosts': hosts, 'url': f'https://{front.addr}:6443', 'context': context, 'work': work,
+               'pki': pki, 'first': first, 'second': second,
+               'rerun': lambda *args, ok=True: playbook(path, wheel, log, *args, ok=ok)}
 
 
 def test_second_deploy_changes_nothing(deployed):
-    assert set(deployed['second']) == {'front', 'node1', 'node2'}
+    assert set(deployed['second']) == {'localhost', 'front', 'node1', 'node2'}
     assert all(r['changed'] == 0 and r['failed'] == 0 for r in deployed['second'].values()), \
         f"{deployed['second']}\n{journals(deployed['hosts'])}"
-    assert all(r['changed'] > 0 for r in deployed['first'].values())
+    assert all(r['changed'] > 0 for r in deployed['first'].values())    # localhost: it made the PKI
+    pki = deployed['work'] / 'pki'
+    assert sorted(p.name for p in (pki / 'keys').glob('*.key_secret')) == [
+        'broker.key_secret', 'front-semaphore.key_secret', 'node1.key_secret', 'node2.key_secret']
+    assert sorted(p.name for p in (pki / 'ca' / 'clients').glob('*.crt')) == [
+        'front-semaphore.crt', 'node1.crt', 'node2.crt', 'tester.crt']
+    assert [p.name for p in (pki / 'ca' / 'servers').glob('*.crt')] == ['front.crt']
 
 
 def test_trigger_runs_on_both_hosts_and_fans_in(deployed):
@@ -167,6 +177,171 @@ def test_killed_worker_is_restarted_and_catches_up(deployed):
     wait_for(lambda: _restarts(node2) > before, timeout=30, what='systemd to restart the worker')
     wait_for(lambda: 't2 node2' in _lines(node2, 'where.txt'), timeout=60, what='the worker to catch up')
     assert _lines(node2, 'where.txt').count('t2 node2') == 1
+
+# Run on a host with python3: try each (host, port) and print {"port": "open" | error name}.
+CONNECT = """
+import json, socket, sys
+out = {}
+for port in map(int, sys.argv[2:]):
+    try:
+        socket.create_connection((sys.argv[1], port), timeout=5).close()
+        out[port] = 'open'
+    except OSError as e:
+        out[port] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+def connect(host, addr: str, *ports: int) -> dict:
+    done = host.ssh(f'python3 -c {shlex.quote(CONNECT)} {addr} {" ".join(map(str, ports))}', check=True)
+    return {int(k): v for k, v in json.loads(done.stdout).items()}
+
+
+def test_only_https_and_curve_ports_reach_other_hosts(deployed):
+    hosts = deployed['hosts']
+    front = hosts['front']
+    # Mongrel2's plain server is bound to the front end's loopback: refused from the network.
+    assert connect(hosts['node1'], front.addr, 6769, 6443, 6770, 6771) == {
+        6769: 'ConnectionRefusedError', 6443: 'open', 6770: 'open', 6771: 'open'}
+    assert connect(front, '127.0.0.1', 6769) == {6769: 'open'}
+    # Nothing on the network is Mongrel2's handler sockets any more: they are files in its chroot.
+    listening = front.ssh('ss -Htln', check=True).stdout
+    assert not re.search(r':677[2-5]\b', listening), listening
+    # The broker's ports serve only CURVE: a plain ZeroMQ client gets no answer at all.
+    probe = """
+import zmq
+s = zmq.Context().socket(zmq.DEALER); s.linger = 0; s.connect('tcp://%s:6771')
+s.send_multipart([b'SYNC', b'{}']); print(s.poll(3000))
+""" % front.addr
+    assert hosts['node1'].ssh(f'python3 -c {shlex.quote(probe)}', check=True).stdout.strip() == '0'
+
+
+# Run as the jobz user on the front end: try to change what root reads, print what happened to each.
+AS_JOBZ = """
+import json, os
+def attempt(what, path):
+    try:
+        if what == 'append':
+            open(path, 'ab').close()
+        elif what == 'create':
+            open(path, 'xb').close()
+        else:
+            os.rename(path, path + '.moved')
+        return 'done'
+    except OSError as e:
+        return type(e).__name__
+print(json.dumps({f'{what} {path}': attempt(what, path) for what, path in [
+    ('append', '/etc/jobz/mongrel2/config.sqlite'), ('append', '/etc/jobz/mongrel2/mongrel2.conf'),
+    ('create', '/etc/jobz/mongrel2/planted'), ('append', '/etc/jobz/mongrel2/certs/ca.crt'),
+    ('create', '/etc/jobz/mongrel2/certs/planted'),
+    ('create', '/var/lib/jobz-mongrel2/planted'), ('rename', '/var/lib/jobz-mongrel2/certs'),
+    ('rename', '/var/lib/jobz-mongrel2/run'), ('create', '/var/lib/jobz-mongrel2/run/mongrel2.pid.x'),
+    ('create', '/var/lib/jobz-mongrel2/logs/planted'), ('create', '/var/lib/jobz-mongrel2/tmp/planted'),
+    ('create', '/var/lib/jobz-mongrel2/certs/planted'), ('append', '/var/lib/jobz-mongrel2/certs/jobz-tls.key'),
+    ('append', '/etc/jobz/broker.env'), ('create', '/etc/jobz/keys/planted'),
+    ('append', '/etc/jobz/keys/broker.key_secret'), ('create', '/etc/jobz/jobs/planted.yaml'),
+    ('append', '/etc/systemd/system/jobz-mongrel2.service'), ('append', '/etc/jobz/firewall.nft'),
+    ('create', '/var/lib/jobz/planted')]}))
+"""
+# Connect to a unix socket, print 'connected' or the error.
+UNIX = """
+import socket, sys
+for path in sys.argv[1:]:
+    try:
+        socket.socket(socket.AF_UNIX).connect(path)
+        print('connected')
+    except OSError as e:
+        print(type(e).__name__)
+"""
+
+
+def test_jobz_user_and_local_users_cannot_reach_what_they_should_not(deployed):
+    front = deployed['hosts']['front']
+    tried = json.loads(front.ssh(f'runuser -u jobz -- python3 -c {shlex.quote(AS_JOBZ)}', check=True).stdout)
+    assert tried.pop('create /var/lib/jobz/planted') == 'done'    # it is the jobz user, and it can write its own
+    assert tried and all(v == 'PermissionError' for v in tried.values()), tried
+    # More generally: as jobz, nothing it could write in the folders root reads or runs from, but
+    # Mongrel2's handler sockets (which it must reach) and jobz's own state.
+    # (It may list the chroot's certs/ and handlers/ only: the chroot itself is 0711, the rest Mongrel2's.)
+    writable = front.ssh('runuser -u jobz -- find /etc/jobz /etc/systemd/system /opt/jobz /var/lib/jobz-mongrel2 '
+                         '/var/lib/jobz-mongrel2/certs /var/lib/jobz-mongrel2/handlers -writable 2>/dev/null; true'
+                         ).stdout.split()
+    sockets = [f'/var/lib/jobz-mongrel2/handlers/{n}' for n in ('jobz.req', 'jobz.rep', 'tls.req', 'tls.rep')]
+    assert sorted(writable) == sorted(['/var/lib/jobz-mongrel2/handlers'] + sockets)
+    node1 = deployed['hosts']['node1']    # a worker host: its keys, job files, environment and unit too
+    assert node1.ssh('runuser -u jobz -- find /etc/jobz /etc/systemd/system /opt/jobz -writable 2>/dev/null; true'
+                     ).stdout.split() == []
+    assert node1.ssh('runuser -u jobz -- cat /etc/jobz/keys/node1.key_secret /etc/jobz/tls/node1.key >/dev/null'
+                     ).returncode == 0    # which it can read
+    # Both Mongrel2 processes run as their own user, not root and not jobz.
+    users = front.ssh('ps -o user:32= -C mongrel2', check=True).stdout.split()
+    assert users == ['jobz-mongrel2', 'jobz-mongrel2'], users
+    # ... each with the unit's open-files limit (65536, or the most this host allows): Mongrel2 would
+    # cap it at 10240 without superpoll.max_fd.
+    out = front.ssh('ulimit -Hn; for p in $(pgrep -x mongrel2); do grep "open files" /proc/$p/limits; done',
+                    check=True).stdout.splitlines()
+    assert [int(line.split()[3]) for line in out[1:]] == [min(65536, int(out[0]))] * 2, out
+    # Another local user cannot take requests off the handler sockets; the broker's user can.
+    front.ssh('id eve || useradd -M eve', check=True)
+    args = f'python3 -c {shlex.quote(UNIX)} ' + ' '.join(sockets)
+    assert front.ssh(f'runuser -u eve -- {args}', check=True).stdout.split() == ['PermissionError'] * 4
+    assert front.ssh(f'runuser -u jobz -- {args}', check=True).stdout.split() == ['connected'] * 4
+
+
+HOLD = """
+import json, socket, sys
+held, refused, other = [], 0, []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((sys.argv[1], 6443))
+        held.append(s)
+    except ConnectionRefusedError:
+        refused += 1
+    except OSError as e:
+        other.append(repr(e))
+print(json.dumps({'held': len(held), 'refused': refused, 'other': other}), flush=True)
+sys.stdin.read()     # hold them until the test closes our input
+"""
+
+
+def test_one_source_cannot_take_all_connections(deployed):
+    hosts = deployed['hosts']
+    front = hosts['front']
+    assert f'ct count over {LIMIT}' in front.ssh('nft list table inet jobz', check=True).stdout
+    # node1 opens more connections than the limit and holds them (Mongrel2 closes them after 10 s idle).
+    hold = subprocess.Popen(hosts['node1'].ssh_argv(f'python3 -c {shlex.quote(HOLD)} {front.addr} {LIMIT + 5}'),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        counts = json.loads(hold.stdout.readline() or '{}')
+        # node1's worker may hold an HTTPS connection of its own (its handler calls): it counts too.
+        assert counts.get('other') == [] and LIMIT - 2 <= counts['held'] <= LIMIT and \
+            counts['held'] + counts['refused'] == LIMIT + 5, counts
+        # Others are not affected: node2 connects, and a real request from here gets its answer.
+        assert connect(hosts['node2'], front.addr, 6443) == {6443: 'open'}
+        assert get(deployed, '/health', timeout=10)[0] == 200
+    finally:
+        hold.stdin.close()
+        hold.wait(timeout=30)
+    # Once they are closed node1 connects again.
+    wait_for(lambda: connect(hosts['node1'], front.addr, 6443) == {6443: 'open'}, timeout=20, what='node1 again')
+
+
+def test_roles_refuse_plain_http_beyond_loopback(deployed):
+    front = deployed['hosts']['front']
+    before = front.ssh('md5sum /etc/jobz/mongrel2/mongrel2.conf /etc/jobz/broker.env', check=True).stdout
+    recap, out = deployed['rerun']('--limit', 'front', '-e', f'jobz_front_http_bind={front.addr}', ok=False)
+    assert 'the plain HTTP front end has no authentication' in out, out[-3000:]
+    assert recap['front']['failed'] == 1 and recap['front']['changed'] == 0, recap
+    # The same for the broker's ports (on the front end's address here) without CURVE keys.
+    recap, out = deployed['rerun']('--limit', 'front', '-e', 'jobz_curve_keys=', ok=False)
+    assert f'jobz_front_zmq_bind={front.addr} without CURVE keys' in out, out[-3000:]
+    assert recap['front']['failed'] == 1 and recap['front']['changed'] == 0, recap
+    # Nothing changed, and the deployment still works as before.
+    assert front.ssh('md5sum /etc/jobz/mongrel2/mongrel2.conf /etc/jobz/broker.env', check=True).stdout == before
+    assert connect(deployed['hosts']['node2'], front.addr, 6769) == {6769: 'ConnectionRefusedError'}
+    assert get(deployed, '/health', timeout=10)[0] == 200
 
 
 def test_rebooted_host_comes_back(deployed):
