@@ -1,11 +1,12 @@
-"""What every benchmark script shares: ports, processes, percentiles, the machine, the table."""
+"""What every benchmark script shares: processes, percentiles, the machine, the table.
+
+Free ports, stacks and waiting with a deadline come from jobz.harness, as for the tests."""
 import contextlib
 import math
 import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,33 +19,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (all bound at once, then released)."""
-    socks = [socket.create_server(('127.0.0.1', 0)) for _ in range(n)]
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def percentile(values, q: float) -> float:
     """Nearest-rank percentile, q in 0..100."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def wait_until(check, what: str, procs=(), timeout: float = 30.0, every: float = 0.05):
-    """Poll check() until it returns something true; raise if a process died or time ran out."""
-    end = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError(f'{what}: a process it needs exited (see its log)')
-        if time.monotonic() > end:
-            raise RuntimeError(f'{what}: not done after {timeout:g}s')
-        time.sleep(every)
 
 
 @contextlib.contextmanager

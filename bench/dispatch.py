@@ -36,6 +36,7 @@ import tempfile
 
 import common
 import stacks
+from jobz.harness import wait_for
 
 FAN_IN = 100
 BROADCAST = 20
@@ -102,7 +103,7 @@ def fan_in(stack, batch: str) -> tuple[float, float]:
         with stacks.open_ro(stacks.journal(stack)) as db:
             return db.execute("SELECT run_id FROM runs WHERE job = 'fan_done' AND params = ?",
                               (f'{{"batch": "{batch}"}}',)).fetchall()
-    found = common.wait_until(done_run, 'fan_done triggered', stack.procs.values(), 60.0, every=0.01)
+    found = wait_for(done_run, 60.0, 'fan_done triggered', 0.01, stack.procs.values())
     if len(found) != 1:
         raise RuntimeError(f'fan_done of batch {batch} ran {len(found)} times')
     (worker, started, finished), = stacks.wait_final(stacks.journal(stack), [found[0][0]],

@@ -24,8 +24,6 @@ status 1 if any pair was lost, ran twice or mismatched.
 import argparse
 import collections
 import heapq
-import json
-import os
 import random
 import shutil
 import signal
@@ -33,64 +31,26 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from common import free_ports  # noqa: E402  (common puts the project root on sys.path)
-from jobz.stack import Stack  # noqa: E402
+import common  # noqa: F401  (puts the project root on sys.path)
+from jobz.harness import LocalStack, Triggers, final_states  # noqa: E402
+from jobz.protocol import FINAL_STATES  # noqa: E402
 
 JOB = ('  command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt; sleep %(pause)s"\n'
-       "  params: {{pause: '0\\.\\d\\d'}}\n")
+       "  params: {pause: '0\\.\\d\\d'}\n")
 JOBS_YAML = 'storm:\n' + JOB + 'storm_exp:\n' + JOB + '  expires: 2\n'
 WORKERS = ('w1', 'w2')
 WORKER_FLAGS = ('--topics', 'storm,storm_exp')
-FINAL = ('succeeded', 'failed', 'interrupted', 'expired')
 GOOD = {('succeeded', 1): 'ran once', ('interrupted', 0): 'interrupted',
         ('interrupted', 1): 'interrupted', ('expired', 0): 'expired'}
 BAD = ('lost', 'ran twice', 'mismatched')
 
 
-def get_json(url: str, timeout: float) -> tuple[int | str, dict | None]:
-    """(HTTP status or error name, JSON body) of one GET; never raises for network trouble."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as e:
-        return e.code, None
-    except (OSError, ValueError) as e:    # URLError wraps the socket error as its reason
-        return type(getattr(e, 'reason', e)).__name__, None
-
-
-class Triggers(threading.Thread):
-    """Sends n triggers paced at `rate`/s; keeps the accepted run ids and why others were refused."""
-
-    def __init__(self, url: str, n: int, rate: float, expiring: float, rng: random.Random):
-        super().__init__(daemon=True)
-        self.url, self.n, self.rate, self.expiring, self.rng = url, n, rate, expiring, rng
-        self.accepted: list[str] = []
-        self.refused: collections.Counter = collections.Counter()    # reason -> count
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        due = time.monotonic()
-        for _ in range(self.n):
-            if self.stop.wait(max(0.0, due - time.monotonic())):
-                return
-            due = max(due, time.monotonic()) + 1 / self.rate    # after a stall, no catch-up burst
-            job = 'storm_exp' if self.rng.random() < self.expiring else 'storm'
-            pause = f'0.0{self.rng.randint(0, 3)}'
-            status, body = get_json(f'{self.url}/job_start?job_name={job}&pause={pause}', timeout=5.0)
-            if status == 200:
-                self.accepted.append(body['run_id'])
-            else:
-                self.refused[status] += 1
-
-
 class Faults(threading.Thread):
     """Injects the planned faults at their times (seconds after start); restarts what it killed."""
 
-    def __init__(self, stack: Stack, rng: random.Random, span: float, counts: dict[str, int]):
+    def __init__(self, stack: LocalStack, rng: random.Random, span: float, counts: dict[str, int]):
         super().__init__(daemon=True)
         self.stack, self.rng, self.counts = stack, rng, counts
         # (seconds after start, kind, worker name): one per fault, within 10%-85% of the trigger period
@@ -145,27 +105,10 @@ class Faults(threading.Thread):
         print(f'  {time.monotonic() - self.start_time:5.1f}s  {what}', file=sys.stderr, flush=True)
 
 
-def final_states(url: str, run_ids: list[str], timeout: float) -> dict[tuple[str, str], str | None]:
-    """Poll /job_status until every run is final on both workers or time runs out."""
-    states, waiting = {}, set(run_ids)
-    deadline = time.monotonic() + timeout
-    while waiting and time.monotonic() < deadline:
-        for run_id in sorted(waiting):
-            _, status = get_json(f'{url}/job_status?run_id={run_id}', timeout=10.0)
-            workers = (status or {}).get('workers', {})
-            for w in WORKERS:
-                states[run_id, w] = workers.get(w, {}).get('state')
-            if all(states[run_id, w] in FINAL for w in WORKERS):
-                waiting.discard(run_id)
-        if waiting:
-            time.sleep(0.5)
-    return states
-
-
 def classify(state: str | None, times_ran: int) -> str:
     if times_ran > 1:
         return 'ran twice'
-    if state not in FINAL:
+    if state not in FINAL_STATES:
         return 'lost'
     return GOOD.get((state, times_ran), 'mismatched')
 
@@ -176,22 +119,21 @@ def mentions(log_dir: str, run_id: str) -> list[str]:
             for line in log.read_text(errors='replace').splitlines() if run_id in line][:8]
 
 
-def build_stack(tmp: str) -> tuple[Stack, str]:
-    """A Stack on free ports with its job file, logs in <tmp>/logs; and the folder of ran-*.txt."""
-    out, jobfile = os.path.join(tmp, 'out'), os.path.join(tmp, 'jobs.yaml')
-    os.makedirs(out)
+def build_stack(tmp: str) -> tuple[LocalStack, str]:
+    """A stack on free ports in tmp, with its job file and logs; and the folder of ran-*.txt."""
+    stack = LocalStack(tmp, JOBS_YAML, worker_args=['--concurrency', '2'])
     for w in WORKERS:
-        Path(out, f'ran-{w}.txt').touch()
-    Path(jobfile).write_text(JOBS_YAML.format(out=out))
-    http_port, *zmq_ports = free_ports(5)
-    stack = Stack(os.path.join(tmp, 'home'), [jobfile], port=http_port, log_dir=os.path.join(tmp, 'logs'),
-                  ports=dict(zip(('pub', 'router', 'm2_recv', 'm2_send'), zmq_ports)),
-                  worker_args=['--concurrency', '2'])
-    os.makedirs(stack.home)
-    return stack, out
+        Path(stack.out, f'ran-{w}.txt').touch()
+    return stack, stack.out
 
 
-def storm(stack: Stack, triggers: Triggers, faults: Faults, deadline: float) -> dict:
+def trigger_queries(n: int, expiring: float, rng: random.Random):
+    """n triggers: a share `expiring` of them for storm_exp, each with a random pause."""
+    for _ in range(n):
+        yield f"job_name={'storm_exp' if rng.random() < expiring else 'storm'}&pause=0.0{rng.randint(0, 3)}"
+
+
+def storm(stack: LocalStack, triggers: Triggers, faults: Faults, deadline: float) -> dict:
     """Start the stack, run triggers and faults, wait for final states; stop everything."""
     try:
         stack.start_broker()
@@ -205,7 +147,7 @@ def storm(stack: Stack, triggers: Triggers, faults: Faults, deadline: float) -> 
         faults.join()
         stack.wait_healthy(30.0, workers=len(WORKERS))    # every process is up again
         print(f'storm over; waiting up to {deadline:g}s for final states', file=sys.stderr)
-        return final_states(stack.url, triggers.accepted, deadline)
+        return final_states(stack.url, triggers.accepted, WORKERS, deadline)
     finally:
         triggers.stop.set()
         faults.stop.set()
@@ -229,7 +171,8 @@ def report(args, triggers: Triggers, faults: Faults, verdicts: dict, unpromised:
 
 def run(tmp: str, args) -> int:
     stack, out = build_stack(tmp)
-    triggers = Triggers(stack.url, args.n, args.rate, args.expiring, random.Random(args.seed))
+    triggers = Triggers(stack.url, trigger_queries(args.n, args.expiring, random.Random(args.seed)), args.rate,
+                        timeout=5.0)
     faults = Faults(stack, random.Random(args.seed + 1), args.n / args.rate,
                     {'worker kills': args.worker_kills, 'broker kills': args.broker_kills,
                      'Mongrel2 restarts': args.mongrel2_restarts})

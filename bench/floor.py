@@ -34,6 +34,7 @@ import zmq
 import common
 import front
 import stacks
+from jobz.harness import free_ports, wait_for
 
 
 def paced(n: int, rate: float, once) -> list[float]:
@@ -53,7 +54,7 @@ def bare_round_trips(tmp: str, n: int, rate: float) -> tuple[list[float], list[f
     try:
         stack.start_mongrel2()
         with common.started(handler, os.path.join(tmp, 'bare-handler.log')) as proc:
-            common.wait_until(lambda: front.answers(stack.url + '/'), 'bare handler', [proc])
+            wait_for(lambda: front.answers(stack.url + '/'), 30.0, 'bare handler', procs=[proc])
             conn = http.client.HTTPConnection('127.0.0.1', stack.port, timeout=10)
 
             def once() -> float:
@@ -104,7 +105,7 @@ def _subscriber(addr: str, n: int, out) -> None:
 
 
 def zmq_hops(n: int, rate: float) -> list[float]:
-    port, = common.free_ports(1)
+    port, = free_ports(1)
     addr = f'tcp://127.0.0.1:{port}'
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)

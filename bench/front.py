@@ -43,6 +43,7 @@ if BENCH not in sys.path:
 import common  # noqa: E402  (puts the project root on sys.path)
 import stacks  # noqa: E402
 from jobz import m2  # noqa: E402
+from jobz.harness import wait_for  # noqa: E402
 
 WRK_THREADS = 2
 JOB = 'front_bench'
@@ -106,8 +107,8 @@ def measure_bare(folder: str, args) -> dict:
     try:
         stack.start_mongrel2()
         with common.started(handler, os.path.join(folder, 'bare-handler.log')) as proc:
-            common.wait_until(lambda: answers(stack.url + '/'), 'bare handler answering',
-                              [proc, *stack.procs.values()])
+            wait_for(lambda: answers(stack.url + '/'), 30.0, 'bare handler answering',
+                     procs=[proc, *stack.procs.values()])
             return stacks.run_wrk(stack.url + '/', args.duration, args.connections, WRK_THREADS)
     finally:
         stack.stop_all()

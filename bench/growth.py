@@ -56,6 +56,7 @@ if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 import common  # noqa: E402  (puts the project root on sys.path)
 import stacks  # noqa: E402
+from jobz.harness import wait_for  # noqa: E402
 from jobz.stack import Stack  # noqa: E402
 from stacks import open_ro, count_runs, settled_runs, wait_final  # noqa: E402
 
@@ -172,7 +173,7 @@ def wait_caught_up(stack: Stack, db_path: str, cursor: int, calls: int) -> float
             return None    # the worker is just opening or creating its tables
         return (have_cursor or 0) >= cursor and have_calls >= calls and time.monotonic()
 
-    return common.wait_until(reached, 'catch-up of w3', stack.procs.values(), timeout=300.0, every=POLL_S)
+    return wait_for(reached, 300.0, 'catch-up of w3', POLL_S, stack.procs.values())
 
 
 def check_once(db_path: str, run_ids) -> None:
@@ -194,8 +195,8 @@ def measure_catchup(tmp: str, args) -> dict[str, float]:
     try:
         stacks.start(stack, {'w3': 'c'})
         # Registered is not enough: the first SYNC answer is what stores its cursor for c.
-        common.wait_until(lambda: os.path.exists(db_path) and worker_progress(db_path, 'c')[0] is not None,
-                          'w3 storing its cursor', stack.procs.values())
+        wait_for(lambda: os.path.exists(db_path) and worker_progress(db_path, 'c')[0] is not None,
+                 30.0, 'w3 storing its cursor', procs=stack.procs.values())
         if stack.stop('w3') != 0:
             raise RuntimeError('w3 did not stop cleanly (see its log)')
         cursor0, calls0 = worker_progress(db_path, 'c')

@@ -63,6 +63,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 import common  # noqa: E402
+from jobz.harness import free_ports, wait_for  # noqa: E402
 
 URL_ENV = 'JOBZ_PEERS_REDIS'       # how the workers (which import this file as `peers`) find Redis
 try:
@@ -163,7 +164,7 @@ def drop_result_subscriptions() -> None:
 @contextlib.contextmanager
 def redis_running(tmp: str):
     """A redis-server for the run (logs to tmp); points this process and the workers at it."""
-    port, = common.free_ports(1)
+    port, = free_ports(1)
     url = f'redis://127.0.0.1:{port}/0'
     cmd = ['redis-server', '--bind', '127.0.0.1', '--port', str(port), '--dir', tmp, '--save', '',
            '--appendonly', 'no', '--daemonize', 'no']
@@ -175,7 +176,7 @@ def redis_running(tmp: str):
             with contextlib.suppress(redis.ConnectionError):
                 return db().ping()
         try:
-            common.wait_until(up, 'redis-server', [proc])
+            wait_for(up, 30.0, 'redis-server', procs=[proc])
             yield url
         finally:
             drop_result_subscriptions()                        # before Redis stops
@@ -195,7 +196,7 @@ def celery_up(names: list[str]) -> bool:
 def celery_worker(tmp: str, k: int):
     name = f'peers{k}@{HOST}'
     with start(celery_cmd(name, '-c', '2', '-P', 'prefork', '-Q', 'celery'), f'{tmp}/celery{k}.log') as proc:
-        common.wait_until(lambda: celery_up([name]), 'celery worker', [proc])
+        wait_for(lambda: celery_up([name]), 30.0, 'celery worker', procs=[proc])
         yield
 
 
@@ -206,7 +207,7 @@ def celery_broadcast_workers(tmp: str, k: int, count: int):
     commands = [(celery_cmd(name, '-c', '1', '-P', 'prefork', '-Q', BROADCAST_QUEUE), f'{tmp}/celery{k}-b{j}.log')
                 for j, name in enumerate(names)]
     with started_together(commands) as procs:
-        common.wait_until(lambda: celery_up(names), 'celery broadcast workers', procs, timeout=120.0)
+        wait_for(lambda: celery_up(names), 120.0, 'celery broadcast workers', procs=procs)
         yield names
 
 
@@ -235,8 +236,8 @@ def rq_workers(tmp: str, k: int, cls: str):
         procs = [stack.enter_context(start(
             [sys.executable, '-m', 'rq.cli', 'worker', '-u', os.environ[URL_ENV], '-w', cls, '-n', name,
              '-c', 'peers', '--logging_level', 'WARNING', 'peers'], f'{tmp}/{name}.log')) for name in names]
-        common.wait_until(lambda: set(names) <= {w.name for w in Worker.all(connection=db())},
-                          'rq workers', procs)
+        wait_for(lambda: set(names) <= {w.name for w in Worker.all(connection=db())},
+                 30.0, 'rq workers', procs=procs)
         yield
 
 
@@ -254,7 +255,7 @@ def rq_submit(function: str):
 def reports(key: str, n: int, timeout: float) -> list[list[str]]:
     """Wait for n reports under key (and a moment longer, for a duplicate to show); take them all."""
     with contextlib.suppress(RuntimeError):          # too few: the caller's check says so
-        common.wait_until(lambda: db().llen(key) >= n, key, timeout=timeout, every=0.02)
+        wait_for(lambda: db().llen(key) >= n, timeout, key, 0.02)
     time.sleep(0.05)
     rows = [v.decode().split() for v in db().lrange(key, 0, -1)]
     db().delete(key)
@@ -304,7 +305,7 @@ def celery_chord(key: str) -> tuple[float, float]:
     submitted = time.time()
     res = chord([celery_member.s(f'{key}:m', i, submitted) for i in range(CHORD_SIZE)])(celery_callback.s(f'{key}:cb'))
     last = max(r[3] for r in collect(f'{key}:m', CHORD_SIZE, 60.0))
-    common.wait_until(lambda: db().llen(f'{key}:cb'), 'chord callback', timeout=60.0)
+    wait_for(lambda: db().llen(f'{key}:cb'), 60.0, 'chord callback')
     got, cb_start, cb_done = map(float, db().lpop(f'{key}:cb').split())
     # the member results through Celery too; this also ends the client's subscriptions to them
     if got != CHORD_SIZE or sorted(res.parent.get(timeout=60)) != list(range(CHORD_SIZE)):

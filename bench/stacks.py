@@ -12,17 +12,16 @@ import selectors
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import common
+import common  # noqa: F401  (puts the project root on sys.path)
+from jobz.harness import LocalStack, free_port, wait_for
+from jobz.protocol import FINAL_STATES
 from jobz.stack import Stack
 
 WRK = '/usr/bin/wrk'
-PORT_NAMES = ('pub', 'router', 'm2_recv', 'm2_send', 'm2_tls_recv', 'm2_tls_send')
-FINAL = ('succeeded', 'failed', 'interrupted', 'expired')
 M2_NOISE = ('Failed to open PID file',               # at every start: no PID file yet
             'Failed to accept', 'Receive on handler socket failed',   # at every SIGTERM
             'Receive on control failed', 'Failed to read message',
@@ -33,18 +32,8 @@ TIME_UNITS = {'us': 0.001, 'ms': 1.0, 's': 1000.0, 'm': 60_000.0, 'h': 3_600_000
 
 # -- the stack ---------------------------------------------------------------------------------
 def make_stack(folder: str, jobs_yaml: str | None, concurrency: int = 2) -> Stack:
-    """A Stack with state in folder/home, logs in folder/logs, its job file in folder (if any)."""
-    home = os.path.join(folder, 'home')
-    os.makedirs(home)
-    jobs = []
-    if jobs_yaml is not None:
-        jobs = [os.path.join(folder, 'jobs.yaml')]
-        with open(jobs[0], 'w') as f:
-            f.write(jobs_yaml)
-    http_port, tls_port, *zmq_ports = common.free_ports(2 + len(PORT_NAMES))
-    return Stack(home, jobs, port=http_port, tls_port=tls_port, ports=dict(zip(PORT_NAMES, zmq_ports)),
-                 python=sys.executable, worker_args=['--concurrency', str(concurrency)],
-                 log_dir=os.path.join(folder, 'logs'))
+    """A stack on free ports with state in folder/home, logs in folder/logs, its job file (if any)."""
+    return LocalStack(folder, jobs_yaml or '', tls_port=free_port(), worker_args=['--concurrency', str(concurrency)])
 
 
 def start(stack: Stack, workers: dict[str, str], semaphores: dict[str, str] | None = None) -> None:
@@ -241,9 +230,9 @@ def wait_final(path: str, run_ids, procs, timeout: float, worker: str | None = N
 
     def all_final():
         mine = rows()
-        return mine if sum(r[2] in FINAL for r in mine) >= per_run * len(wanted) else None
+        return mine if sum(r[2] in FINAL_STATES for r in mine) >= per_run * len(wanted) else None
 
-    mine = common.wait_until(all_final, f'final results of {len(wanted)} runs', procs, timeout, every=0.01)
+    mine = wait_for(all_final, timeout, f'final results of {len(wanted)} runs', 0.01, procs)
     ok = [r for r in mine if r[2] == state and worker in (None, r[1])]
     if len(mine) != per_run * len(wanted) or len(ok) != len(mine) or {r[0] for r in ok} != wanted:
         states = {s: sum(r[2] == s for r in mine) for s in {r[2] for r in mine}}

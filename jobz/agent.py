@@ -1,32 +1,28 @@
 """The broker link of a worker or semaphore, with its own durable state (SQLite).
 
 The agent keeps, per topic, a cursor (the last sequence number it has taken),
-the calls it has taken (queued, started, done), an outbox of results until the
-broker acknowledges them, and an outbox of handler URLs until they are called.
+the calls it has taken (queued, started, done) and an outbox of results until
+the broker acknowledges them; its handler URLs wait in the same database until
+they are called (handlers.py).
 
 Writes go into one transaction per loop turn: the owner calls commit() once a
 turn, which makes everything durable with one fsync and only then sends the
 messages that depended on it (STARTED, RESULT). Under load a turn carries many
 calls, so the cost of durability is shared instead of paid per call.
 """
-import http.client
 import json
 import logging
-import os
-import queue
 import random
 import secrets
 import sqlite3
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
 import zmq
 
 from . import protocol as p
 from .curve import make_client
 from .files import private_file
+from .handlers import HandlerCalls
 
 log = logging.getLogger('jobz.agent')
 
@@ -41,56 +37,39 @@ CREATE TABLE IF NOT EXISTS calls (
 );
 CREATE INDEX IF NOT EXISTS calls_state ON calls (state, at);
 CREATE TABLE IF NOT EXISTS outbox (run_id TEXT PRIMARY KEY, result TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS http_out (
-    id      INTEGER PRIMARY KEY,
-    url     TEXT NOT NULL,
-    tries   INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL,
-    first_at REAL NOT NULL
-);
 """
 ANNOUNCE_MS = 10        # a job still running this long after its start is announced (STARTED)
 RESEND_AFTER = 3.0      # seconds without an ACK before a result is sent again
-HTTP_GIVE_UP = 86400.0  # a handler URL that keeps failing is dropped (with an error) after a day
 KEEP_DONE = 7 * 86400.0 # how long the ids of done calls are kept to recognise a replay
 
 
-_pool = threading.local()    # per handler thread: (scheme, host:port) -> a keep-alive connection
-
-
-def fetch(url: str, timeout: float = 30.0, context=None) -> int:
-    """GET a URL; return its HTTP status (error statuses included), raise OSError if unreachable.
-
-    Each thread keeps one connection per front end open: a chain's next step costs a request,
-    not a TCP (or TLS) handshake. A kept connection the server has closed meanwhile is replaced
-    once; the call's idempotency key makes that retry harmless."""
-    parts = urlsplit(url)
-    if parts.scheme not in ('http', 'https') or not parts.hostname:
-        raise ValueError(f'not an http(s) URL: {url[:200]!r}')
-    conns = _pool.__dict__.setdefault('conns', {})
-    key = (parts.scheme, parts.netloc)
-    target = (parts.path or '/') + (f'?{parts.query}' if parts.query else '')
-    while True:
-        conn = conns.pop(key, None)
-        fresh = conn is None
-        if fresh:
-            conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
-                    if parts.scheme == 'https' else
-                    http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout))
-        try:
-            conn.request('GET', target)
-            resp = conn.getresponse()
-            resp.read()
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
-            if fresh:
-                raise OSError(f'{type(e).__name__}: {e}') from e
-            continue    # the kept connection had gone stale: once more on a new one
-        if resp.will_close:
-            conn.close()
-        else:
-            conns[key] = conn
-        return resp.status
+def broker_sockets(ctx: zmq.Context, name: str, topics: list[str], pub: str, router: str, rcvhwm: int,
+                   curve: tuple | None) -> tuple[zmq.Socket, zmq.Socket]:
+    """A SUB for live calls and a DEALER for the rest, connected to the broker."""
+    sub = ctx.socket(zmq.SUB)
+    sub.rcvhwm = rcvhwm       # past it live calls drop; the gap triggers a SYNC
+    dealer = ctx.socket(zmq.DEALER)
+    # NAME/RANDOM: the broker reads our name from it, and under CURVE checks it against our key.
+    # The random part, sent only inside the encrypted handshake, keeps another peer from taking
+    # over our connection at the broker by claiming the same routing id.
+    dealer.routing_id = name.encode() + b'/' + secrets.token_hex(16).encode()
+    dealer.sndhwm = 10000
+    for sock in (sub, dealer):
+        sock.linger = 0
+        sock.maxmsgsize = 16 << 20      # a CALLS answer is kept near 1 MB by the broker
+        # ZMTP heartbeats: a hung broker or a silent network drop closes the connection within
+        # seconds, and ZeroMQ reconnects. A random base interval keeps many workers from
+        # knocking on a restarted broker all at the same moment.
+        sock.heartbeat_ivl, sock.heartbeat_timeout, sock.heartbeat_ttl = 1000, 3000, 6000
+        sock.reconnect_ivl = random.randint(100, 400)
+        sock.reconnect_ivl_max = 5000
+        if curve:
+            make_client(sock, *curve)    # pins the broker's public key
+    for topic in topics:
+        sub.subscribe(p.topic_frame(topic))
+    sub.connect(pub)
+    dealer.connect(router)
+    return sub, dealer
 
 
 class Agent:
@@ -102,14 +81,13 @@ class Agent:
         self.sync_interval = sync_interval
         self.running = running          # how many jobs the owner runs now (for /workers)
         self.ctx, self.addrs, self.rcvhwm = ctx, (pub, router), rcvhwm
-        self.tls = tls                  # SSLContext with our client certificate, for https:// handlers
         self.curve = (curve_secret, broker_key) if curve_secret else None
         self.sub = self.dealer = None
         self._connect()
         self.heard = time.monotonic()   # when the broker last said anything
         self.silent = False
         self.reconnect_due = float('inf')   # while silent: when to drop and rebuild the sockets
-        self.prune_due = self.outbox_due = self.http_due = 0.0    # monotonic times of clock work
+        self.prune_due = self.outbox_due = 0.0    # monotonic times of clock work
         self.db = sqlite3.connect(private_file(db_path), isolation_level=None)
         self.db.execute('PRAGMA journal_mode=WAL')
         self.db.execute('PRAGMA synchronous=FULL')
@@ -123,40 +101,14 @@ class Agent:
         # job's RESULT (which carries its start time) says it all, with one message less.
         self.starting: dict[str, float] = {}     # run_id -> start time, marked in this turn
         self.announce: dict[str, float] = {}     # run_id -> start time, to announce at this commit
-        self.http_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix='jobz-http')
-        self.http_busy: set[int] = set()
-        self.http_done: queue.Queue = queue.Queue()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
+        self.handlers = HandlerCalls(self.db, self.write, tls)    # on_success/on_failure URLs to call
 
     def _connect(self) -> None:
         """(Re)build the SUB and DEALER sockets and connect them to the broker."""
         for sock in (self.sub, self.dealer):
             if sock is not None:
                 sock.close(0)
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.rcvhwm = self.rcvhwm       # past it live calls drop; the gap triggers a SYNC
-        self.dealer = self.ctx.socket(zmq.DEALER)
-        # NAME/RANDOM: the broker reads our name from it, and under CURVE checks it against our key.
-        # The random part, sent only inside the encrypted handshake, keeps another peer from taking
-        # over our connection at the broker by claiming the same routing id.
-        self.dealer.routing_id = self.name.encode() + b'/' + secrets.token_hex(16).encode()
-        self.dealer.sndhwm = 10000
-        for sock in (self.sub, self.dealer):
-            sock.linger = 0
-            sock.maxmsgsize = 16 << 20      # a CALLS answer is kept near 1 MB by the broker
-            # ZMTP heartbeats: a hung broker or a silent network drop closes the connection within
-            # seconds, and ZeroMQ reconnects. A random base interval keeps many workers from
-            # knocking on a restarted broker all at the same moment.
-            sock.heartbeat_ivl, sock.heartbeat_timeout, sock.heartbeat_ttl = 1000, 3000, 6000
-            sock.reconnect_ivl = random.randint(100, 400)
-            sock.reconnect_ivl_max = 5000
-            if self.curve:
-                make_client(sock, *self.curve)    # pins the broker's public key
-        for topic in self.topics:
-            self.sub.subscribe(p.topic_frame(topic))
-        self.sub.connect(self.addrs[0])
-        self.dealer.connect(self.addrs[1])
+        self.sub, self.dealer = broker_sockets(self.ctx, self.name, self.topics, *self.addrs, self.rcvhwm, self.curve)
 
     # -- receiving calls --------------------------------------------------
     def poll(self, timeout_ms: int, fds=()) -> tuple[list[dict], list[int]]:
@@ -168,7 +120,7 @@ class Agent:
         poller = zmq.Poller()
         poller.register(self.sub, zmq.POLLIN)
         poller.register(self.dealer, zmq.POLLIN)
-        poller.register(self.wake_r, zmq.POLLIN)
+        poller.register(self.handlers.wake_r, zmq.POLLIN)
         for fd in fds:
             poller.register(fd, zmq.POLLIN)
         events = dict(poller.poll(timeout_ms))
@@ -177,11 +129,8 @@ class Agent:
             calls += self._take_live()
         if self.dealer in events:
             calls += self._take_replies()
-        if self.wake_r in events:
-            try:
-                os.read(self.wake_r, 4096)
-            except BlockingIOError:
-                pass
+        if self.handlers.wake_r in events:
+            self.handlers.woken()
         return calls, [fd for fd in fds if fd in events]
 
     def _take_live(self) -> list[dict]:
@@ -307,24 +256,16 @@ class Agent:
         """A command is running: say so (STARTED) next turn, unless its RESULT comes first."""
         self.starting[run_id] = at
 
-    def finish(self, run_id: str, result: dict, urls: list[str] = (), inside=None) -> None:
-        """Record a result and its handler URLs; sent once the turn commits.
-
-        `inside(db)`, if given, runs in the same transaction and returns more URLs.
-        """
+    def finish(self, run_id: str, result: dict, urls: list[str] = ()) -> None:
+        """Record a result and its handler URLs (in this turn's transaction); sent once the turn commits."""
         now = time.time()
         db = self.write()
-        if inside is not None:
-            urls = list(urls) + inside(db)
         result = dict(result, run_id=run_id)
         self.starting.pop(run_id, None)
         self.announce.pop(run_id, None)
         db.execute("UPDATE calls SET state = 'done', at = ? WHERE run_id = ?", (now, run_id))
         db.execute('INSERT OR REPLACE INTO outbox VALUES (?, ?)', (run_id, json.dumps(result)))
-        db.executemany('INSERT INTO http_out (url, next_at, first_at) VALUES (?, ?, ?)',
-                       [(u, now, now) for u in urls])
-        if urls:
-            self.http_due = 0.0    # call them at the next tick, not half a second later
+        self.handlers.add(list(urls))
         self.outgoing.append((p.RESULT, result))
         self.sent_at[run_id] = time.monotonic()
 
@@ -367,56 +308,10 @@ class Agent:
                 if now - self.sent_at.get(run_id, 0.0) >= RESEND_AFTER:
                     self._send(p.RESULT, json.loads(result))
                     self.sent_at[run_id] = now
-        self._http_tick(now)
+        self.handlers.tick(now)
         if now >= self.prune_due:
             self.prune_due = now + 3600.0
             self.prune()
-
-    def _http_tick(self, now: float) -> None:
-        while True:
-            try:
-                row_id, ok = self.http_done.get_nowait()
-            except queue.Empty:
-                break
-            self.http_due = 0.0    # a retry may now be scheduled: look again
-            self.http_busy.discard(row_id)
-            db = self.write()
-            if ok:
-                db.execute('DELETE FROM http_out WHERE id = ?', (row_id,))
-                continue
-            (tries,) = db.execute('SELECT tries FROM http_out WHERE id = ?', (row_id,)).fetchone()
-            backoff = min(60.0, 0.5 * 2 ** tries) * random.uniform(0.5, 1.0)
-            db.execute('UPDATE http_out SET tries = tries + 1, next_at = ? WHERE id = ?',
-                            (time.time() + backoff, row_id))
-        if now < self.http_due:
-            return
-        self.http_due = now + 0.5    # retries back off by 0.25 s and more; new URLs reset this
-        due = self.db.execute('SELECT id, url, first_at FROM http_out WHERE next_at <= ? ORDER BY id',
-                              (time.time(),)).fetchall()
-        for row_id, url, first_at in due:
-            if row_id in self.http_busy:
-                continue
-            if time.time() - first_at > HTTP_GIVE_UP:
-                log.error('giving up on handler call %s after a day of failures', url)
-                self.write().execute('DELETE FROM http_out WHERE id = ?', (row_id,))
-                continue
-            self.http_busy.add(row_id)
-            self.http_pool.submit(self._call_url, row_id, url)
-
-    def _call_url(self, row_id: int, url: str) -> None:
-        """Runs in a pool thread; reports back through a queue and the wake pipe."""
-        try:
-            status = fetch(url, context=self.tls if url.startswith('https:') else None)
-            ok = status < 500
-            if 400 <= status < 500:
-                log.error('handler call %s refused with HTTP %d; not retrying', url, status)
-            elif not ok:
-                log.warning('handler call %s answered HTTP %d; will retry', url, status)
-        except (OSError, ValueError) as e:
-            log.warning('handler call %s failed (%s); will retry', url, e)
-            ok = False
-        self.http_done.put((row_id, ok))
-        os.write(self.wake_w, b'.')
 
     def prune(self) -> None:
         """Forget done calls after KEEP_DONE; the journal will not hand them out again by then."""
@@ -433,14 +328,12 @@ class Agent:
     def pending(self) -> tuple[int, int]:
         """(results not yet acknowledged, handler calls not yet made)."""
         return (self.db.execute('SELECT count(*) FROM outbox').fetchone()[0],
-                self.db.execute('SELECT count(*) FROM http_out').fetchone()[0])
+                self.handlers.pending())
 
     def close(self) -> None:
         self.commit()
         self._send(p.BYE, {})
-        self.http_pool.shutdown(wait=False, cancel_futures=True)
+        self.handlers.close()
         self.sub.close()
         self.dealer.close(linger=500)
         self.db.close()
-        os.close(self.wake_r)
-        os.close(self.wake_w)

@@ -1,15 +1,14 @@
-"""Command-line plumbing shared by the scripts: flags with JOBZ_* fallbacks, logging."""
+"""Command-line plumbing shared by the scripts: flags with JOBZ_* fallbacks, checks before start-up."""
 import argparse
 import ipaddress
-import json
 import logging
 import os
 import sys
-import time
 
 from . import defaults
 from .files import UnsafePath, state_dir
 from .jobfile import NAME_RE, JobFileError, load_jobs
+from .logs import configure_logging
 
 LEVELS = ('debug', 'info', 'warning', 'error')
 
@@ -97,43 +96,8 @@ def check_curve(parser, secret: str | None, other: str | None, other_flag: str) 
             parser.error(f'{path}: no such file')
 
 
-class LogfmtFormatter(logging.Formatter):
-    """One line per record as key=value pairs (logfmt): readable, and parsed by journald's and Loki's tools.
-
-    `who` names the process (worker:w1); a record about a run carries run= and job= (see about())."""
-
-    converter = time.gmtime    # timestamps in UTC, marked Z
-
-    def __init__(self, who: str):
-        super().__init__()
-        self.who = who
-
-    def format(self, record: logging.LogRecord) -> str:
-        pairs = [('ts', self.formatTime(record, '%Y-%m-%dT%H:%M:%S') + f'.{int(record.msecs):03d}Z'),
-                 ('level', record.levelname.lower()), ('who', self.who), ('logger', record.name)]
-        pairs += [(k, getattr(record, k)) for k in ('run', 'job') if getattr(record, k, None)]
-        message = record.getMessage()
-        if record.exc_info:
-            message += '\n' + self.formatException(record.exc_info)
-        pairs.append(('msg', message))
-        return ' '.join(f'{k}={_logfmt_value(str(v))}' for k, v in pairs)
-
-
-def _logfmt_value(v: str) -> str:
-    # Quoted (JSON escapes) when it has spaces, quotes, = or control characters: one record, one line.
-    return v if v and all(c.isprintable() and c not in ' "=\\' for c in v) else json.dumps(v, ensure_ascii=False)
-
-
-def about(run_id, job=None) -> dict:
-    """`extra=` for a log record about a run: its run= and job= fields."""
-    return {'run': str(run_id), 'job': job}
-
-
 def setup_logging(args, who: str) -> None:
-    level = 'debug' if args.verbose else args.log_level
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter(who))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    configure_logging('debug' if args.verbose else args.log_level, who)
 
 
 def home_or_exit(path: str) -> str:

@@ -11,11 +11,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from . import defaults
+from . import defaults, protocol as p
 from .tls import client_context
 
-FINAL = ('succeeded', 'failed')                      # run states that no longer change
-DONE = ('succeeded', 'failed', 'interrupted', 'expired')   # worker states that no longer change
 RESERVED = {'job_name': 'the job is the first argument', 'wait': 'use --wait', 'key': 'use --key'}
 POLL = 0.3          # seconds between status requests while waiting or following
 EXIT_TIMEOUT = 3
@@ -86,14 +84,14 @@ def params_text(params: dict) -> str:
 def done_count(workers: dict) -> str:
     """`1/2` from {worker: state} or {worker: {"state": ...}}."""
     states = [w['state'] if isinstance(w, dict) else w for w in workers.values()]
-    return f'{sum(s in DONE for s in states)}/{len(states)}'
+    return f'{sum(s in p.FINAL_STATES for s in states)}/{len(states)}'
 
 
 def worker_line(name: str, w: dict) -> str:
     exit_ = w['signal'] or (f"rc {w['rc']}" if w['rc'] is not None else '')
     reason = w['reason'] if w['reason'] and w['reason'] != f"exit code {w['rc']}" else ''
     parts = [name, w['state'], exit_, seconds(w['duration']) if w['duration'] is not None else '', reason]
-    return '  ' + '  '.join(p for p in parts if p)
+    return '  ' + '  '.join(part for part in parts if part)
 
 
 def show(answer) -> None:
@@ -119,17 +117,17 @@ def cmd_start(api: Api, args) -> int:
     status = wait(api, run_id, args.timeout)
     if args.json:
         show(status)
-    if status['state'] not in FINAL:
+    if status['state'] not in p.RUN_ENDED:
         print(f"jobz: run {run_id} still {status['state']} after {args.timeout:g}s "
               f"({done_count(status['workers'])} workers done); see: jobz status {run_id}", file=sys.stderr)
         return EXIT_TIMEOUT
-    if status['state'] == 'succeeded':
+    if status['state'] == p.SUCCEEDED:
         if not args.json:
             print(f"run {run_id} succeeded on {', '.join(status['workers'])}")
         return 0
     print(f'run {run_id} failed', file=sys.stderr)
     for name, w in status['workers'].items():
-        if w['state'] != 'succeeded':
+        if w['state'] != p.SUCCEEDED:
             print(worker_line(name, w), file=sys.stderr)
             for line in (w['output_tail'] or '').splitlines()[-10:]:
                 print(f'    | {line}', file=sys.stderr)
@@ -145,10 +143,10 @@ def wait(api: Api, run_id: str, timeout: float | None) -> dict:
         while True:
             status = api.get('/job_status', run_id=run_id)
             elapsed = time.monotonic() - start
-            if status['state'] in FINAL or (timeout is not None and elapsed >= timeout):
+            if status['state'] in p.RUN_ENDED or (timeout is not None and elapsed >= timeout):
                 return status
             if tty:
-                running = sum(w['state'] == 'running' for w in status['workers'].values())
+                running = sum(w['state'] == p.RUNNING for w in status['workers'].values())
                 line = (f"run {run_id}: {done_count(status['workers'])} workers done, "
                         f"{running} running ({elapsed:.1f}s)")
                 sys.stderr.write('\r' + line.ljust(shown))
@@ -238,7 +236,7 @@ def cmd_logs(api: Api, args) -> int:
             return 0
         if workers and all(w['complete'] for w in workers.values()):
             status = api.get('/job_status', run_id=args.run)
-            return 0 if all(status['workers'][name]['state'] == 'succeeded' for name in workers) else 1
+            return 0 if all(status['workers'][name]['state'] == p.SUCCEEDED for name in workers) else 1
         time.sleep(POLL)
 
 
@@ -266,10 +264,10 @@ def cmd_jobs(api: Api, args) -> int:
     for name, j in jobs.items():
         used = set(re.findall(r'%\((\w+)\)s', j['command'] or '')) - {'job_name', 'run_id'}
         params = []
-        for p in sorted(used | set(j['params']) | set(j['defaults'] or {})):
-            rule = f" ~ '{j['params'][p]}'" if p in j['params'] else ''
-            default = f" (default {j['defaults'][p]})" if p in (j['defaults'] or {}) else ''
-            params.append(p + rule + default)
+        for param in sorted(used | set(j['params']) | set(j['defaults'] or {})):
+            rule = f" ~ '{j['params'][param]}'" if param in j['params'] else ''
+            default = f" (default {j['defaults'][param]})" if param in (j['defaults'] or {}) else ''
+            params.append(param + rule + default)
         print(f"{name}  (topic {j['topic']})")
         sem = j['semaphore']
         fields = [('params', ', '.join(params)), ('on_success', j['on_success']), ('on_failure', j['on_failure']),

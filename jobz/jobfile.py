@@ -7,7 +7,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import yaml
 
-from .protocol import FINAL_STATES
+from .protocol import FINAL_STATES, SUCCEEDED
 
 NAME_RE = re.compile(r'[A-Za-z0-9_.-]+\Z')
 # A run id as the broker makes them (time, then 48 random bits; 32 in older journals): never '..'.
@@ -62,7 +62,14 @@ class Job:
 
     def handler(self, state: str) -> str | None:
         """The handler URL template a run that ended in `state` calls."""
-        return self.on_success if state == 'succeeded' else self.on_failure
+        return self.on_success if state == SUCCEEDED else self.on_failure
+
+    def gate(self, params: dict, parent: str | None) -> str:
+        """Which gate of this semaphore job a completion with these values counts towards."""
+        key = self.semaphore['key']
+        if key:
+            return str(params.get(key, ''))    # one gate per value (a date, say)
+        return str(parent or '') if self.semaphore['count'] == 'all' else ''    # per parent run, or one
 
     def describe(self) -> dict:
         return {'topic': self.topic, 'command': self.command,
@@ -341,6 +348,19 @@ def release_key(job: str, gate: str) -> str:
 def handler_key(run_id: str, worker: str, state: str) -> str:
     """The idempotency key of a worker's handler call: a retried call never starts the next job twice."""
     return f'{run_id}.{worker}.{state}'
+
+
+def handler_url(job: Job, state: str, run_id: str, params: dict, worker: str, rc: int | None, base: str,
+                key: str) -> str | None:
+    """The URL a run of `job` that ended in `state` calls: its handler filled in, linked to the run, keyed.
+
+    None when the job has no handler for that state; KeyError names a placeholder with no value."""
+    template = job.handler(state)
+    if not template:
+        return None
+    values = dict(params, job_name=job.name, run_id=run_id, worker=worker, rc='none' if rc is None else str(rc),
+                  state=state)
+    return link_url(render_url(template, values, base), run_id, key)
 
 
 def link_url(url: str, parent: str, key: str) -> str:

@@ -1,11 +1,27 @@
-"""The broker's SQLite journal: runs, per-worker results and progress notes."""
+"""The broker's SQLite journal: runs, per-worker results, output, notes and the worker registry.
+
+What the broker does with it (and what a second journal, say on PostgreSQL, must offer):
+- transactions: begin(), commit() (durable before anything is answered, published or
+  acknowledged), rollback(), savepoint() around each message so one bad message is undone
+  alone, changes() (whether a burst wrote anything);
+- runs: add_run() (which gives the call its next sequence number on its topic, kept in
+  `heads`), exists(), run_row(), run_by_key(), topic_of(), calls_after() and oldest_seq()
+  (catch-up), children();
+- results: set_started(), set_result() (the first final result wins), result_state(),
+  workers_of(), running_on(), ended(); output: add_output(), output(); add_note();
+- reading: status(), find() (light records of the runs of some jobs, by a parameter's value or
+  a parent) with its forms summary(), recent(), open_runs(); count_runs(), size();
+- the worker registry: load_workers(), save_worker(), forget_worker(); prune().
+Nothing outside this module touches the database connection.
+"""
 import json
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 
 from .files import private_file
-from .protocol import FINAL_STATES, is_int, number, text
+from .protocol import FINAL_STATES, OPEN_STATES, PENDING, RUNNING, is_int, number, run_state, text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -37,7 +53,7 @@ CREATE TABLE IF NOT EXISTS results (
     output_tail TEXT,
     PRIMARY KEY (run_id, worker)
 );
-CREATE INDEX IF NOT EXISTS results_open ON results (worker) WHERE state IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS results_open ON results (worker) WHERE state IN {open_states};
 CREATE TABLE IF NOT EXISTS outputs (        -- a run's output per worker, bounded: the start is dropped first
     run_id   TEXT NOT NULL REFERENCES runs (run_id),
     worker   TEXT NOT NULL,
@@ -60,17 +76,26 @@ CREATE TABLE IF NOT EXISTS workers (        -- the registry, so a restarted brok
     last_seen REAL NOT NULL
 );
 """
-OPEN = ('pending', 'running')
 MAX_OUTPUT = 1 << 20    # characters of output kept per run and worker
+IS_OPEN = f'IN {OPEN_STATES!r}'    # SQL: a worker's state is still open (the names are plain words)
 
 
-def run_state(worker_states: list[str]) -> str:
-    """A run's state from its workers' states: the one rule, used everywhere."""
-    if not worker_states or all(s == 'pending' for s in worker_states):
-        return 'pending'
-    if any(s in OPEN for s in worker_states):
-        return 'running'
-    return 'succeeded' if all(s == 'succeeded' for s in worker_states) else 'failed'
+def worker_record(r: sqlite3.Row) -> dict:
+    """One worker's part of a run's status."""
+    duration = (r['finished'] - r['started']) if r['finished'] and r['started'] else None
+    return {'state': r['state'], 'rc': r['rc'], 'signal': r['signal'], 'reason': r['reason'],
+            'started': r['started'], 'finished': r['finished'], 'duration': duration, 'output_tail': r['output_tail']}
+
+
+def summary_record(r: sqlite3.Row) -> dict:
+    """A light run record from a row of the summary query (each worker's state as `w=state` pairs)."""
+    workers = dict(pair.split('=', 1) for pair in (r['states'] or '').split(',') if pair)
+    ended = workers and not any(s in OPEN_STATES for s in workers.values())
+    finished = r['finished'] if ended else None
+    return {'run_id': r['run_id'], 'job': r['job'], 'state': run_state(workers.values()),
+            'params': json.loads(r['params']), 'created': r['created'], 'finished': finished,
+            'duration': finished - r['created'] if finished else None,
+            'parent': r['parent'], 'triggered_by': r['by'], 'key': r['key'], 'workers': workers}
 
 
 class Journal:
@@ -80,26 +105,39 @@ class Journal:
         self.db.row_factory = sqlite3.Row
         self.db.execute('PRAGMA journal_mode=WAL')
         self.db.execute('PRAGMA synchronous=FULL')
-        self.db.executescript(SCHEMA)
+        self.db.executescript(SCHEMA.format(open_states=repr(OPEN_STATES)))
         self.heads = {r[0]: r[1] for r in self.db.execute('SELECT topic, max(seq) FROM runs GROUP BY topic')}
-        self.in_tx = False
 
     def begin(self) -> None:
-        if not self.in_tx:
+        if not self.db.in_transaction:
             self.db.execute('BEGIN IMMEDIATE')
-            self.in_tx = True
 
     def commit(self) -> None:
         """Make everything since begin() durable (synchronous=FULL) in one fsync."""
-        if self.in_tx:
+        if self.db.in_transaction:
             self.db.execute('COMMIT')
-            self.in_tx = False
 
     def rollback(self) -> None:
-        if self.in_tx:
+        # A COMMIT that failed (a full disk, say) may have rolled back already: then nothing to undo.
+        if self.db.in_transaction:
             self.db.execute('ROLLBACK')
-            self.in_tx = False
-            self.heads = {r[0]: r[1] for r in self.db.execute('SELECT topic, max(seq) FROM runs GROUP BY topic')}
+        self.heads = {r[0]: r[1] for r in self.db.execute('SELECT topic, max(seq) FROM runs GROUP BY topic')}
+
+    @contextmanager
+    def savepoint(self):
+        """Inside the open transaction: undo only what the block wrote if it raises (and re-raise)."""
+        self.db.execute('SAVEPOINT msg')
+        try:
+            yield
+        except BaseException:
+            self.db.execute('ROLLBACK TO msg')
+            raise
+        finally:
+            self.db.execute('RELEASE msg')
+
+    def changes(self) -> int:
+        """A number that grows with every row written: compare two readings to see whether anything was."""
+        return self.db.total_changes
 
     def add_run(self, run_id: str, job: str, topic: str, params: dict, sanitized: list,
                 key: str | None, workers: list[str], parent: str | None = None,
@@ -111,8 +149,8 @@ class Journal:
         self.db.execute('INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
                         (run_id, job, topic, seq, json.dumps(params), json.dumps(sanitized), key, created,
                          parent, expires_at, by))
-        self.db.executemany("INSERT INTO results (run_id, worker, state) VALUES (?, ?, 'pending')",
-                            [(run_id, w) for w in workers])
+        self.db.executemany('INSERT INTO results (run_id, worker, state) VALUES (?, ?, ?)',
+                            [(run_id, w, PENDING) for w in workers])
         self.heads[topic] = seq
         return self._call(run_id, job, topic, seq, params, key, created, parent, expires_at)
 
@@ -167,9 +205,9 @@ class Journal:
     def set_started(self, run_id: str, worker: str, started: float) -> bool:
         cur = self.db.execute(
             "INSERT INTO results (run_id, worker, state, started) "
-            "SELECT ?, ?, 'running', ? WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = ?) "
-            "ON CONFLICT (run_id, worker) DO UPDATE SET state = 'running', started = excluded.started "
-            "WHERE results.state = 'pending'", (run_id, worker, started, run_id))
+            "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = ?) "
+            "ON CONFLICT (run_id, worker) DO UPDATE SET state = excluded.state, started = excluded.started "
+            "WHERE results.state = ?", (run_id, worker, RUNNING, started, run_id, PENDING))
         return cur.rowcount > 0
 
     def set_result(self, run_id: str, worker: str, r: dict) -> bool:
@@ -187,7 +225,7 @@ class Journal:
             "ON CONFLICT (run_id, worker) DO UPDATE SET state = excluded.state, rc = excluded.rc, "
             "signal = excluded.signal, reason = excluded.reason, started = excluded.started, "
             "finished = excluded.finished, output_tail = excluded.output_tail "
-            "WHERE results.state IN ('pending', 'running')", values + (run_id,))
+            f"WHERE results.state {IS_OPEN}", values + (run_id,))
         return cur.rowcount > 0
 
     def add_note(self, run_id: str, worker: str | None, note: str) -> None:
@@ -197,53 +235,48 @@ class Journal:
         run = self.db.execute('SELECT * FROM runs WHERE run_id = ?', (run_id,)).fetchone()
         if run is None:
             return None
-        workers = {}
-        for r in self.db.execute('SELECT * FROM results WHERE run_id = ? ORDER BY worker', (run_id,)):
-            duration = (r['finished'] - r['started']) if r['finished'] and r['started'] else None
-            workers[r['worker']] = {'state': r['state'], 'rc': r['rc'], 'signal': r['signal'],
-                                    'reason': r['reason'], 'started': r['started'],
-                                    'finished': r['finished'], 'duration': duration,
-                                    'output_tail': r['output_tail']}
+        workers = {r['worker']: worker_record(r) for r in
+                   self.db.execute('SELECT * FROM results WHERE run_id = ? ORDER BY worker', (run_id,))}
         notes = [{'worker': n['worker'], 'at': n['at'], 'note': n['note']}
                  for n in self.db.execute('SELECT * FROM notes WHERE run_id = ? ORDER BY at', (run_id,))]
-        children = self.children(run_id)
         return {'run_id': run_id, 'job': run['job'], 'topic': run['topic'], 'seq': run['seq'],
                 'state': run_state([w['state'] for w in workers.values()]),
                 'params': json.loads(run['params']), 'sanitized': json.loads(run['sanitized']),
                 'key': run['key'], 'created': run['created'], 'expires': run['expires'],
-                'parent': run['parent'], 'children': children, 'triggered_by': run['by'],
+                'parent': run['parent'], 'children': self.children(run_id), 'triggered_by': run['by'],
                 'workers': workers, 'notes': notes}
 
-    def summaries(self, where: str = '1', args: tuple = (), limit: int = 1000) -> list[dict]:
-        """Light run records (newest first), each with its state worked out in one query."""
+    def find(self, jobs=(), param: tuple[str, str] | None = None, parent: str | None = None,
+             limit: int = 1000) -> list[dict]:
+        """Light records of the runs of `jobs` (any job if none), newest first; only those whose parameter
+        param[0] is param[1], or whose parent is `parent`, when given."""
+        where, args = ['1'], []
+        if jobs:
+            where.append('r.job IN (%s)' % ','.join('?' * len(jobs)))
+            args += list(jobs)
+        if param:
+            where.append("json_extract(r.params, '$.' || ?) = ?")
+            args += list(param)
+        if parent:
+            where.append('r.parent = ?')
+            args.append(parent)
+        return self._summaries(' AND '.join(where), tuple(args), limit)
+
+    def _summaries(self, where: str = '1', args: tuple = (), limit: int = 1000) -> list[dict]:
+        """Light run records (newest first), with each worker's state, from one query."""
         rows = self.db.execute(
-            "SELECT r.run_id, r.job, r.params, r.created, r.parent, r.by, r.key, count(s.worker) AS n, "
-            "total(s.state = 'pending') AS waiting, total(s.state IN ('pending', 'running')) AS open, "
-            "total(s.state = 'succeeded') AS ok, max(s.finished) AS finished, "
+            "SELECT r.run_id, r.job, r.params, r.created, r.parent, r.by, r.key, max(s.finished) AS finished, "
             "group_concat(s.worker || '=' || s.state) AS states "
             f"FROM runs r LEFT JOIN results s USING (run_id) WHERE {where} "
             "GROUP BY r.run_id ORDER BY r.created DESC LIMIT ?", args + (limit,))
-        out = []
-        for r in rows:
-            if r['n'] == 0 or r['waiting'] == r['n']:
-                state = 'pending'
-            elif r['open']:
-                state = 'running'
-            else:
-                state = 'succeeded' if r['ok'] == r['n'] else 'failed'
-            finished = r['finished'] if not r['open'] and r['n'] else None
-            out.append({'run_id': r['run_id'], 'job': r['job'], 'state': state, 'params': json.loads(r['params']),
-                        'created': r['created'], 'finished': finished,
-                        'duration': finished - r['created'] if finished else None,
-                        'parent': r['parent'], 'triggered_by': r['by'], 'key': r['key'],
-                        'workers': dict(pair.split('=', 1) for pair in (r['states'] or '').split(',') if pair)})
-        return out
+        return [summary_record(r) for r in rows]
 
-    def summary(self, run_id: str) -> dict | None:
-        found = self.summaries('r.run_id = ?', (run_id,), 1)
+    def summary(self, run_id: str, children: bool = True) -> dict | None:
+        found = self._summaries('r.run_id = ?', (run_id,), 1)
         if not found:
             return None
-        found[0]['children'] = self.children(run_id)
+        if children:
+            found[0]['children'] = self.children(run_id)
         return found[0]
 
     def children(self, run_id: str) -> list[str]:
@@ -251,26 +284,25 @@ class Journal:
                                               (run_id,))]
 
     def recent(self, job: str | None, limit: int) -> list[dict]:
-        return self.summaries('r.job = ?', (job,), limit) if job else self.summaries(limit=limit)
+        return self.find([job] if job else (), limit=limit)
 
     def open_runs(self) -> list[dict]:
         """Runs some worker has still to finish (the partial index keeps this cheap)."""
-        return self.summaries("r.run_id IN (SELECT run_id FROM results WHERE state IN ('pending', 'running'))",
-                              limit=100000)
+        return self._summaries(f'r.run_id IN (SELECT run_id FROM results WHERE state {IS_OPEN})', limit=100000)
 
     def running_on(self, worker: str) -> list[str]:
         return [r[0] for r in self.db.execute(
-            "SELECT run_id FROM results WHERE worker = ? AND state = 'running' ORDER BY started", (worker,))]
+            'SELECT run_id FROM results WHERE worker = ? AND state = ? ORDER BY started', (worker, RUNNING))]
 
     def ended(self, run_id: str) -> tuple[str, str, float] | None:
         """(job, state, seconds from trigger to the last finish) once no worker is left to report; else None."""
-        row = self.db.execute(
-            "SELECT total(s.state IN ('pending', 'running')), total(s.state != 'succeeded'), "
-            "max(s.finished), r.created, r.job FROM results s JOIN runs r USING (run_id) WHERE s.run_id = ?",
-            (run_id,)).fetchone()
-        if row[0] or row[3] is None:
+        job, created, finished, states = self.db.execute(
+            'SELECT r.job, r.created, max(s.finished), group_concat(s.state) FROM results s JOIN runs r '
+            'USING (run_id) WHERE s.run_id = ?', (run_id,)).fetchone()
+        states = states.split(',') if states else []
+        if not states or any(s in OPEN_STATES for s in states):
             return None
-        return row[4], ('failed' if row[1] else 'succeeded'), max(0.0, (row[2] or row[3]) - row[3])
+        return job, run_state(states), max(0.0, (finished or created) - created)
 
     # -- output ------------------------------------------------------------
     def add_output(self, run_id: str, worker: str, offset: int, text: str, complete: bool = False) -> None:
@@ -300,7 +332,7 @@ class Journal:
             start = max(offset, dropped)
             out[r['worker']] = {'output': text[start - dropped:], 'offset': start,
                                 'next': max(start, dropped + len(text)), 'dropped': dropped,
-                                'complete': bool(r['complete']) or r['state'] not in OPEN}
+                                'complete': bool(r['complete']) or r['state'] not in OPEN_STATES}
         return out
 
     # -- the worker registry ---------------------------------------------
@@ -331,6 +363,9 @@ class Journal:
         for table in ('notes', 'outputs', 'results', 'runs'):
             self.db.executemany(f'DELETE FROM {table} WHERE run_id = ?', doomed)
         return len(doomed)
+
+    def count_runs(self) -> int:
+        return self.db.execute('SELECT count(*) FROM runs').fetchone()[0]
 
     def size(self) -> int:
         """Bytes on disk: the database and its write-ahead log."""

@@ -36,15 +36,16 @@ def parse_netstring(data: bytes) -> tuple[bytes, bytes]:
 class Request:
     """One HTTP request (or disconnect notice) as Mongrel2 forwards it."""
 
-    def __init__(self, sender: bytes, conn_id: bytes, path: str, headers: dict, body: bytes):
+    def __init__(self, sender: bytes, conn_id: bytes, path: str, headers: dict, body: bytes, front=None):
         self.sender = sender
         self.conn_id = conn_id
         self.path = path
         self.headers = headers
         self.body = body
+        self.front = front      # the Connection it came on (and its answer goes back on)
 
     @classmethod
-    def parse(cls, msg: bytes) -> 'Request':
+    def parse(cls, msg: bytes, front=None) -> 'Request':
         try:
             sender, conn_id, path, rest = msg.split(b' ', 3)
         except ValueError:
@@ -59,7 +60,7 @@ class Request:
             raise BadMessage('headers are not JSON') from None
         if not isinstance(headers, dict):
             raise BadMessage('headers are not a JSON object')
-        return cls(sender, conn_id, path.decode('utf-8', 'replace'), headers, body)
+        return cls(sender, conn_id, path.decode('utf-8', 'replace'), headers, body, front)
 
     @property
     def method(self) -> str:
@@ -101,6 +102,18 @@ class Request:
         return None
 
 
+class Raw:
+    """An answer that is not JSON: the status page, the metrics."""
+
+    def __init__(self, body: bytes, content_type: str, headers: dict | None = None):
+        self.body, self.content_type, self.headers = body, content_type, headers or {}
+
+
+def encode(obj) -> bytes:
+    # One line, from json's C encoder (indent= would switch to its much slower Python one).
+    return json.dumps(obj, allow_nan=False).encode() + b'\n'
+
+
 def http_response(status: int, body: bytes, content_type: str = 'application/json',
                   head_only: bool = False, extra_headers: dict | None = None) -> bytes:
     """A complete HTTP/1.1 response with a correct byte Content-Length."""
@@ -116,7 +129,8 @@ def http_response(status: int, body: bytes, content_type: str = 'application/jso
 class Connection:
     """The handler's pair of sockets: PULL requests from Mongrel2, PUB replies back."""
 
-    def __init__(self, ctx: zmq.Context, pull_addr: str, pub_addr: str, ident: str):
+    def __init__(self, ctx: zmq.Context, pull_addr: str, pub_addr: str, ident: str, tls: bool = False):
+        self.tls = tls          # the HTTPS front end: its requests carry a verified client certificate
         self.reqs = ctx.socket(zmq.PULL)
         self.reqs.linger = 0
         self.reqs.maxmsgsize = 4 << 20     # Mongrel2 sends bodies up to limits.content_length (1 MB)
@@ -139,6 +153,13 @@ class Connection:
         the tnetstring ["ctl", {"keep-alive": true}]."""
         for i in range(0, len(conn_ids), 100):    # Mongrel2 takes at most limits.handler_targets (128)
             self.reply(sender, [b'X'] + conn_ids[i:i + 100], KEEP_ALIVE)
+
+    def answer(self, req: Request, status: int, body) -> None:
+        """Answer `req` with a JSON body, or with a Raw one (the status page, the metrics)."""
+        if isinstance(body, Raw):
+            self.reply_http(req, status, body.body, content_type=body.content_type, extra_headers=body.headers)
+        else:
+            self.reply_http(req, status, encode(body))
 
     def reply_http(self, req: Request, status: int, body: bytes, **kw) -> None:
         head_only = req.method == 'HEAD'

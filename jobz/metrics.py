@@ -1,10 +1,11 @@
-"""The broker's /metrics in the Prometheus text format (version 0.0.4).
+"""The broker's /metrics in the Prometheus text format (version 0.0.4), and the counters behind it.
 
 Written out by hand: the format is a few lines of text, and the broker then needs no
 library that every host would have to carry. The tests read it back with prometheus_client.
 """
 import bisect
 import math
+import time
 
 BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600, math.inf)   # seconds of a run
 
@@ -59,3 +60,60 @@ class Histogram:
             total += n
             out.append(total)
         return out
+
+
+class Stats:
+    """Counters since the broker started: runs journaled and ended, and how long they took.
+
+    Moved only by committed bursts (apply): a burst whose commit failed counts nothing."""
+
+    def __init__(self):
+        self.started_at = time.time()
+        self.runs_started: dict[str, int] = {}
+        self.runs_ended: dict[tuple[str, str], int] = {}
+        self.durations: dict[str, Histogram] = {}
+
+    def apply(self, started: list[str], ended: list[tuple[str, str, float]]) -> None:
+        for job in started:
+            self.runs_started[job] = self.runs_started.get(job, 0) + 1
+        for job, state, seconds in ended:
+            self.runs_ended[job, state] = self.runs_ended.get((job, state), 0) + 1
+            self.durations.setdefault(job, Histogram()).observe(seconds)
+
+
+def broker_metrics(stats: Stats, registry, journal, gates, waiting: int) -> bytes:
+    """/metrics: the counters, the runs still open, the workers, the journal, the gates."""
+    m = Exposition()
+    m.family('jobz_runs_started_total', 'counter', 'Runs journaled since the broker started.',
+             [({'job': j}, n) for j, n in sorted(stats.runs_started.items())])
+    m.family('jobz_runs_finished_total', 'counter', 'Runs that ended since the broker started, by state.',
+             [({'job': j, 'state': s}, n) for (j, s), n in sorted(stats.runs_ended.items())])
+    open_runs: dict[tuple[str, str], int] = {}
+    for run in journal.open_runs():
+        open_runs[run['job'], run['state']] = open_runs.get((run['job'], run['state']), 0) + 1
+    m.family('jobz_runs_open', 'gauge', 'Runs in the journal that some worker has still to finish.',
+             [({'job': j, 'state': s}, n) for (j, s), n in sorted(open_runs.items())])
+    m.family('jobz_run_duration_seconds', 'histogram', 'Seconds from trigger to the last worker finished.',
+             [({'job': j}, h) for j, h in sorted(stats.durations.items())])
+    now, peers = time.monotonic(), sorted(registry.peers.items())
+    alive = {n for n, peer in peers if registry.alive(peer, now)}
+    m.family('jobz_workers_connected', 'gauge', 'Workers heard from within --worker-timeout.', [({}, len(alive))])
+    m.family('jobz_worker_up', 'gauge', 'Whether a known worker is connected.',
+             [({'worker': n}, int(n in alive)) for n, _ in peers])
+    m.family('jobz_worker_lag', 'gauge', 'Calls on a topic the worker has not taken yet.',
+             [({'worker': n, 'topic': t}, max(0, journal.heads.get(t, 0) - c))
+              for n, peer in peers for t, c in sorted(peer.cursors.items())])
+    m.family('jobz_worker_heartbeat_age_seconds', 'gauge', 'Seconds since the worker was last heard.',
+             [({'worker': n}, round(now - peer.seen, 3)) for n, peer in peers])
+    m.family('jobz_worker_running', 'gauge', 'Commands the worker says it is running.',
+             [({'worker': n}, peer.running) for n, peer in peers])
+    m.family('jobz_journal_runs', 'gauge', 'Runs in the journal.', [({}, journal.count_runs())])
+    m.family('jobz_journal_bytes', 'gauge', 'Size of the journal database and its write-ahead log.',
+             [({}, journal.size())])
+    m.family('jobz_semaphore_gates_open', 'gauge', 'Gates with arrivals that have not released yet.',
+             [({'job': j}, n) for j, n in sorted(gates.open_counts().items())])
+    m.family('jobz_http_waiting', 'gauge', 'job_start?wait= requests held open for their run to end.',
+             [({}, waiting)])
+    m.family('jobz_broker_uptime_seconds', 'gauge', 'Seconds since the broker started.',
+             [({}, round(time.time() - stats.started_at, 3))])
+    return m.text()

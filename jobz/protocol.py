@@ -21,7 +21,23 @@ ACK = b'ACK'          # {"run_ids": [...]} those results are journaled; drop the
 CALL = b'CALL'        # call JSON: a live call sent directly, to a worker kept off PUB (topic limits)
 
 DELIMITER = b'\0'     # SUB matches by prefix: without it 'build' would also get 'builder'
-FINAL_STATES = ('succeeded', 'failed', 'interrupted', 'expired')
+
+# A worker's state for a run: open until its result comes, then final.
+PENDING, RUNNING = 'pending', 'running'
+SUCCEEDED, FAILED, INTERRUPTED, EXPIRED = 'succeeded', 'failed', 'interrupted', 'expired'
+OPEN_STATES = (PENDING, RUNNING)
+FINAL_STATES = (SUCCEEDED, FAILED, INTERRUPTED, EXPIRED)
+RUN_ENDED = (SUCCEEDED, FAILED)    # a run's own final states: any worker's failure is the run's
+
+
+def run_state(worker_states) -> str:
+    """A run's state from its workers' states: the one rule, used everywhere."""
+    worker_states = list(worker_states)
+    if all(s == PENDING for s in worker_states):    # none at all: nobody took it yet
+        return PENDING
+    if any(s in OPEN_STATES for s in worker_states):
+        return RUNNING
+    return SUCCEEDED if all(s == SUCCEEDED for s in worker_states) else FAILED
 
 
 def topic_frame(topic: str) -> bytes:

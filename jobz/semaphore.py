@@ -3,8 +3,9 @@ import logging
 import time
 
 from .agent import Agent
-from .cli import about
-from .jobfile import Job, check_call, link_url, release_key, render_url
+from .logs import about
+from .jobfile import Job, check_call, handler_url, release_key
+from .protocol import FAILED, SUCCEEDED
 
 log = logging.getLogger('jobz.semaphore')
 
@@ -48,62 +49,55 @@ class Semaphore:
         job = self.jobs.get(call.get('job'))
         params = call.get('params') if isinstance(call.get('params'), dict) else {}
         if job is None:
-            self.agent.finish(run_id, {'state': 'failed', 'reason':
-                                       f"no semaphore job {call.get('job')!r} on {self.name}"})
+            self.fail(run_id, f"no semaphore job {call.get('job')!r} on {self.name}")
             return
         try:
             check_call(call, job)    # our own rules, whatever the broker sent
         except ValueError as e:
             log.error('run %s: refused: %s', run_id, e, extra=about(run_id, job.name))
-            self.agent.finish(run_id, {'state': 'failed', 'reason': f'refused: {e}'})
+            self.fail(run_id, f'refused: {e}')
             return
         key = job.semaphore['key']
         if key and not params.get(key):
-            self.agent.finish(run_id, {'state': 'failed', 'reason': f'call has no value for key {key!r}'})
+            self.fail(run_id, f'call has no value for key {key!r}')
             return
         need = job.semaphore['count']
         if need == 'all':
             # Every worker the parent run waited for; one gate per parent unless a key says otherwise.
             need = len(call.get('parent_workers') or [])
             if not need:
-                self.agent.finish(run_id, {'state': 'failed', 'reason':
-                                           "count: all needs a trigger from a job's handler (no parent run)"})
+                self.fail(run_id, "count: all needs a trigger from a job's handler (no parent run)")
                 return
-        if key:
-            gate = str(params[key])
-        else:    # one gate for all arrivals, or with count: all one per parent run
-            gate = str(call.get('parent') or '') if job.semaphore['count'] == 'all' else ''
+        gate = job.gate(params, call.get('parent'))
         # A completion is identified by its trigger's idempotency key (run, worker, outcome),
         # so a handler call that was retried is counted once.
         source = str(call.get('key') or run_id)
-        result = {'state': 'succeeded', 'rc': 0, 'started': time.time()}
-
-        def count(db) -> list[str]:
-            db.execute('INSERT OR IGNORE INTO arrivals VALUES (?, ?, ?, ?)', (job.name, gate, source, time.time()))
-            (n,) = db.execute('SELECT count(*) FROM arrivals WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
-            done = db.execute('SELECT 1 FROM released WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
-            label = key or ('parent' if job.semaphore['count'] == 'all' else 'gate')
-            result['output_tail'] = f'{n} of {need} for {label}={gate}'
-            result['finished'] = time.time()
-            if done or n < need:
-                return []
+        started = time.time()
+        # Arrival, count and release go into this turn's transaction with the result: all or nothing.
+        db = self.agent.write()
+        db.execute('INSERT OR IGNORE INTO arrivals VALUES (?, ?, ?, ?)', (job.name, gate, source, time.time()))
+        (n,) = db.execute('SELECT count(*) FROM arrivals WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
+        done = db.execute('SELECT 1 FROM released WHERE job = ? AND gate = ?', (job.name, gate)).fetchone()
+        label = key or ('parent' if job.semaphore['count'] == 'all' else 'gate')
+        tail, urls = f'{n} of {need} for {label}={gate}', []
+        if not done and n >= need:
             db.execute('INSERT INTO released VALUES (?, ?, ?)', (job.name, gate, time.time()))
-            result['output_tail'] += '; released'
-            log.info('semaphore %s released for %s=%s', job.name, key or 'parent', gate, extra=about(run_id, job.name))
-            return self.release_urls(job, params, run_id, gate)
+            tail += '; released'
+            log.info('semaphore %s released for %s=%s', job.name, label, gate, extra=about(run_id, job.name))
+            urls = self.release_urls(job, params, run_id, gate)
+        self.agent.finish(run_id, {'state': SUCCEEDED, 'rc': 0, 'started': started, 'finished': time.time(),
+                                   'output_tail': tail}, urls)
+        log.info('semaphore %s: %s', job.name, tail, extra=about(run_id, job.name))
 
-        self.agent.finish(run_id, result, inside=count)
-        log.info('semaphore %s: %s', job.name, result.get('output_tail'), extra=about(run_id, job.name))
+    def fail(self, run_id: str, reason: str) -> None:
+        self.agent.finish(run_id, {'state': FAILED, 'reason': reason})
 
     def release_urls(self, job: Job, params: dict, run_id: str, gate: str) -> list[str]:
-        if not job.on_success:
-            return []
-        values = dict(params, job_name=job.name, run_id=run_id, worker=self.name, rc='0', state='succeeded')
         try:
-            url = render_url(job.on_success, values, self.url)
+            # Deterministic key: a restarted semaphore can never release the same gate twice.
+            url = handler_url(job, SUCCEEDED, run_id, params, self.name, 0, self.url, release_key(job.name, gate))
         except KeyError as e:
             log.error('semaphore %s: on_success needs %r, which the call does not carry', job.name, e.args[0],
                       extra=about(run_id, job.name))
             return []
-        # Deterministic key: a restarted semaphore can never release the same gate twice.
-        return [link_url(url, run_id, release_key(job.name, gate))]
+        return [url] if url else []

@@ -18,7 +18,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from . import defaults
-from .cli import LogfmtFormatter
+from .logs import LogfmtFormatter
 from .files import UnsafePath, state_dir, write_new
 from .jobfile import load_jobs
 

@@ -1,12 +1,16 @@
-"""What the broker shows besides single runs: chains with their fan-in gates, and the status page."""
+"""What the broker shows: the read-only HTTP handlers, chains with their fan-in gates, the status page."""
 import base64
 import hashlib
 import itertools
 import os
 import re
+import time
 
 from .jobfile import Job, release_key, target_job
 from .journal import Journal
+from .m2 import HttpError, Raw
+from .metrics import Stats, broker_metrics
+from .protocol import OPEN_STATES, SUCCEEDED
 
 MAX_CHAIN = 300    # runs in one chain answer; a bigger one is cut (and says so)
 MAX_GATES = 200
@@ -28,24 +32,20 @@ class Gates:
 
     def value_of(self, job: Job, run: dict) -> str:
         """Which gate of `job` an arrival run counts towards (as the semaphore decides it)."""
-        key = job.semaphore['key']
-        if key:
-            return str(run['params'].get(key, ''))
-        return str(run['parent'] or '') if job.semaphore['count'] == 'all' else ''
+        return job.gate(run['params'], run['parent'])
 
     def arrivals(self, job: Job, value: str, limit: int = 10000) -> list[dict]:
         key = job.semaphore['key']
         if key:
-            return self.journal.summaries("r.job = ? AND json_extract(r.params, '$.' || ?) = ?",
-                                          (job.name, key, value), limit)
+            return self.journal.find([job.name], param=(key, value), limit=limit)
         if job.semaphore['count'] == 'all':
-            return self.journal.summaries('r.job = ? AND r.parent = ?', (job.name, value), limit)
-        return self.journal.summaries('r.job = ?', (job.name,), limit)
+            return self.journal.find([job.name], parent=value, limit=limit)
+        return self.journal.find([job.name], limit=limit)
 
     def gate(self, job: Job, value: str) -> dict:
         key, count = job.semaphore['key'], job.semaphore['count']
         arrivals = self.arrivals(job, value)
-        counted = [a for a in arrivals if a['state'] == 'succeeded']    # the semaphore's answer: counted
+        counted = [a for a in arrivals if a['state'] == SUCCEEDED]    # the semaphore's answer: counted
         need = count if count != 'all' else len(self.journal.workers_of(value)) if value else 0
         released = self.journal.run_by_key(release_key(job.name, value))
         arrived = len(counted)
@@ -55,16 +55,15 @@ class Gates:
         waiting = []
         if count == 'all':
             parent = self.journal.summary(value) if value else None
-            if parent and parent['state'] in ('pending', 'running'):
+            if parent and parent['state'] in OPEN_STATES:
                 waiting.append(parent)
         else:
             for feeder in self.feeders.get(job.name, []):
                 if key:
-                    runs = self.journal.summaries("r.job = ? AND json_extract(r.params, '$.' || ?) = ?",
-                                                  (feeder, key, value), MAX_CHAIN)
+                    runs = self.journal.find([feeder], param=(key, value), limit=MAX_CHAIN)
                 else:    # one gate for ever: only runs still going can be on their way
-                    runs = [r for r in self.journal.summaries('r.job = ?', (feeder,), MAX_CHAIN)
-                            if r['state'] in ('pending', 'running')]
+                    runs = [r for r in self.journal.find([feeder], limit=MAX_CHAIN)
+                            if r['state'] in OPEN_STATES]
                 waiting += [r for r in runs if r['run_id'] not in came]
         return {'id': f'{job.name}:{value}', 'job': job.name, 'key': key, 'value': value,
                 'need': need, 'arrived': arrived, 'released': released,
@@ -81,7 +80,7 @@ class Gates:
     def seen(self, job_name: str | None = None):
         """(semaphore job, gate value, released?) of the gates in the journal's last arrivals, newest first."""
         names = [n for n, j in self.jobs.items() if j.semaphore and job_name in (None, n)]
-        found = self.journal.summaries('r.job IN (%s)' % ','.join('?' * len(names)), tuple(names), 5000) \
+        found = self.journal.find(names, limit=5000) \
             if names else []
         done = set()
         for run in found:
@@ -156,3 +155,91 @@ class Page:
             'X-Content-Type-Options': 'nosniff',
             'Cache-Control': 'no-cache',
         }
+
+
+class Views:
+    """The read-only handlers of the HTTP API; front.py routes to them by name."""
+
+    def __init__(self, jobs: dict[str, Job], journal: Journal, registry, stats: Stats, waiting):
+        self.jobs = jobs
+        self.journal = journal
+        self.registry = registry        # back.Registry: the workers and semaphores
+        self.stats = stats
+        self.waiting = waiting          # () -> how many wait= requests are held
+        self.gates = Gates(journal, jobs)
+        self.paths: list[str] = []      # every path served (front.py fills it in)
+
+    def index(self, ask):
+        if 'text/html' in ask.req.header('accept'):    # a browser: the status page
+            page = Page()    # read each time: a few kilobytes, and an edited page needs no restart
+            return Raw(page.body, 'text/html; charset=utf-8', page.headers)
+        return {'service': 'jobz', 'paths': self.paths}
+
+    def health(self, ask):
+        return {'ok': True, 'uptime': round(time.time() - self.stats.started_at, 3),
+                'workers': len(self.registry.live()), 'jobs': len(self.jobs)}
+
+    def workers(self, ask):
+        now, out = time.monotonic(), {}
+        for name, peer in sorted(self.registry.peers.items()):
+            lag = {t: max(0, self.journal.heads.get(t, 0) - c) for t, c in peer.cursors.items()}
+            out[name] = {'topics': sorted(peer.topics), 'alive': self.registry.alive(peer, now),
+                         'last_heartbeat': peer.last_seen(), 'seconds_ago': round(now - peer.seen, 3),
+                         'lag': lag, 'running': peer.running, 'running_runs': self.journal.running_on(name)}
+        return out
+
+    def runs(self, ask):
+        limit = number(ask.q, 'limit', 20, 1, 1000)
+        return {'runs': self.journal.recent(ask.q.get('job') or None, int(limit))}
+
+    def job_status(self, ask):
+        status = self.journal.status(required(ask.q, 'run_id'))
+        if status is None:
+            raise HttpError(404, f"unknown run {ask.q['run_id']!r}")
+        return status
+
+    def job_output(self, ask):
+        q = ask.q
+        run_id = required(q, 'run_id')
+        status = self.journal.summary(run_id, children=False)
+        if status is None:
+            raise HttpError(404, f'unknown run {run_id!r}')
+        offset = int(number(q, 'offset', 0, 0, 2 ** 53))
+        workers = self.journal.output(run_id, q.get('worker') or None, offset)
+        if q.get('worker') and not workers:
+            raise HttpError(404, f"run {run_id} has no worker {q['worker']!r}")
+        return {'run_id': run_id, 'state': status['state'], 'workers': workers}
+
+    def chain(self, ask):
+        chain = self.gates.chain(required(ask.q, 'run_id'))
+        if chain is None:
+            raise HttpError(404, f"unknown run {ask.q['run_id']!r}")
+        return chain
+
+    def gates_of(self, ask):
+        job = ask.q.get('job') or None
+        if job is not None and not (job in self.jobs and self.jobs[job].semaphore):
+            raise HttpError(404, f'no semaphore job {job!r}')
+        return {'gates': self.gates.all(job, open_only=ask.q.get('open') in ('1', 'true', 'yes'))}
+
+    def metrics(self, ask):
+        return Raw(broker_metrics(self.stats, self.registry, self.journal, self.gates, self.waiting()),
+                   'text/plain; version=0.0.4; charset=utf-8')
+
+
+def required(q: dict, name: str) -> str:
+    if not q.get(name):
+        raise HttpError(400, f'missing parameter {name!r}')
+    return q[name]
+
+
+def number(q: dict, name: str, default, low: float, high: float):
+    if name not in q:
+        return default
+    try:
+        value = float(q[name])
+    except ValueError:
+        value = float('nan')
+    if not low <= value <= high:
+        raise HttpError(400, f'parameter {name!r} must be a number from {low:g} to {high:g}')
+    return value

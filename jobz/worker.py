@@ -8,8 +8,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .agent import Agent
-from .cli import about
-from .jobfile import Job, check_call, handler_key, link_url, render_command, render_url
+from .logs import about
+from .jobfile import Job, check_call, handler_key, handler_url, render_command
+from .protocol import EXPIRED, FAILED, INTERRUPTED, SUCCEEDED
 
 log = logging.getLogger('jobz.worker')
 SHELL = '/bin/sh'
@@ -82,7 +83,7 @@ class Worker:
             return
         log.warning('run %s was running when this worker stopped; reporting it interrupted', call['run_id'],
                     extra=about(call['run_id'], call.get('job')))
-        self.report_unrun(call, 'interrupted', 'the worker stopped while it ran'
+        self.report_unrun(call, INTERRUPTED, 'the worker stopped while it ran'
                           + (f' (after {attempts} attempts)' if attempts > 1 else ''))
 
     def report_unrun(self, call: dict, state: str, reason: str) -> None:
@@ -171,14 +172,14 @@ class Worker:
                 # Info, not a warning: the job asked for it (`expires:`), and its result says so.
                 log.info('run %s expired before it could start; not running it', call.get('run_id'),
                             extra=about(call.get('run_id'), call.get('job')))
-                self.report_unrun(call, 'expired', 'expired before it could start '
+                self.report_unrun(call, EXPIRED, 'expired before it could start '
                                   f'({time.time() - expires:.0f}s past its deadline)')
                 continue
             try:
                 job, command, env = self.prepare(call)
             except Exception as e:    # whatever a call holds, it never takes the worker down
                 log.error('run %s: refused: %s', call.get('run_id'), e, extra=about(call.get('run_id'), call.get('job')))
-                self.agent.finish(str(call['run_id']), {'state': 'failed', 'reason': f'refused: {e}'})
+                self.agent.finish(str(call['run_id']), {'state': FAILED, 'reason': f'refused: {e}'})
                 continue
             batch.append((call, job, command, env))
         if batch:
@@ -223,7 +224,7 @@ class Worker:
             pidfd = os.pidfd_open(pid)
         except (OSError, ValueError) as e:
             log.error('run %s: cannot start: %s', run_id, e, extra=about(run_id, job.name))
-            self.agent.finish(run_id, {'state': 'failed', 'reason': f'cannot start: {e}'})
+            self.agent.finish(run_id, {'state': FAILED, 'reason': f'cannot start: {e}'})
             return
         deadline = time.monotonic() + job.timeout if job.timeout else None
         self.running[pidfd] = self.pipes[output] = Running(call, pid, output, started, deadline)
@@ -247,7 +248,7 @@ class Worker:
         code, sig, reason = describe_exit(rc)
         if r.why_killed:
             reason = f'{r.why_killed}; {reason}'
-        state = 'succeeded' if rc == 0 and not r.why_killed else 'failed'
+        state = SUCCEEDED if rc == 0 and not r.why_killed else FAILED
         result = {'state': state, 'rc': code, 'signal': sig, 'reason': reason,
                   'started': r.started, 'finished': finished,
                   'output_tail': r.text[max(0, len(r.text) - self.output_tail):]}
@@ -279,15 +280,12 @@ class Worker:
                     r.text = r.text[len(r.text) - self.output_max:]
 
     def handler_urls(self, job: Job, call: dict, state: str, rc: int | None) -> list[str]:
-        template = job.on_success if state == 'succeeded' else job.on_failure
-        if not template:
-            return []
-        values = dict(call.get('params') or {}, job_name=job.name, run_id=str(call['run_id']),
-                      worker=self.name, rc='none' if rc is None else str(rc), state=state)
+        run_id = str(call['run_id'])
         try:
-            url = render_url(template, values, self.url)
+            url = handler_url(job, state, run_id, call.get('params') or {}, self.name, rc, self.url,
+                              handler_key(run_id, self.name, state))
         except KeyError as e:
-            log.error('run %s: handler URL needs %r, which the call does not carry', call['run_id'], e.args[0],
-                      extra=about(call['run_id'], job.name))
+            log.error('run %s: handler URL needs %r, which the call does not carry', run_id, e.args[0],
+                      extra=about(run_id, job.name))
             return []
-        return [link_url(url, call['run_id'], handler_key(call['run_id'], self.name, state))]
+        return [url] if url else []

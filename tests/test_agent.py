@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from conftest import ROOT, free_port, wait_for
-from jobz.agent import fetch
+from jobz.handlers import fetch
 
 
 class CountingServer(http.server.ThreadingHTTPServer):

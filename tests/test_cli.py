@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT, TestStack, free_port, http, wait_for
+from conftest import ROOT, TestStack, free_port, http, started, wait_for
 from jobz import ca
 
 JOBS = r"""
@@ -51,15 +51,12 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def stack(pki, tmp_path_factory):
-    s = TestStack(str(tmp_path_factory.mktemp('cli')), JOBS, tls=pki['ca'], tls_port=free_port(),
-                  clients=pki['clients'])
-    try:
-        # w2 keeps only the last 20 characters of a run's output
-        s.start(workers=['w1', ('w2', ['--topics', 'both', '--output-max', '20', '--output-tail', '20'])],
-                semaphore=False)
+    stack = TestStack(str(tmp_path_factory.mktemp('cli')), JOBS, tls=pki['ca'], tls_port=free_port(),
+                      clients=pki['clients'])
+    # w2 keeps only the last 20 characters of a run's output
+    with started(stack, ['w1', ('w2', ['--topics', 'both', '--output-max', '20', '--output-tail', '20'])],
+                 semaphore=False) as s:
         yield s
-    finally:
-        s.stop_all()
 
 
 def jobz(stack, *args, url=None, timeout=30):

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from conftest import TestStack, wait_for
+from conftest import TestStack, started, wait_for
 
 JOBS = r"""
 write:
@@ -79,12 +79,8 @@ def stack(tmp_path_factory):
     with open(w2_jobs, 'w') as f:
         f.write(W2_JOBS.replace('{out}', s.out))
     s.worker_args = ['--kill-grace', '1']
-    try:
-        s.start(workers=[('w1', ['--concurrency', '2']),
-                         ('w2', ['--jobs', w2_jobs, '--topics', 'both,other'])])
+    with started(s, [('w1', ['--concurrency', '2']), ('w2', ['--jobs', w2_jobs, '--topics', 'both,other'])]):
         yield s
-    finally:
-        s.stop_all()
 
 
 def test_command_writes_interpolated_value(stack):

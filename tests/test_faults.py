@@ -1,12 +1,13 @@
 """Fault injection: kill, stop and restart the parts under load; no accepted run is lost or run twice."""
 import os
 import signal
+import subprocess
 import threading
 import time
 
 import pytest
 
-from conftest import Triggers, assert_each_ran_once, final_states, http, wait_for
+from conftest import assert_each_ran_once, final_states, http, triggers, wait_for
 from jobz.journal import Journal
 
 JOBS = """
@@ -50,7 +51,7 @@ def kill_leftovers(stack) -> None:
 
 def test_worker_killed_while_idle_catches_up(make_stack):
     stack = make_stack(JOBS, semaphore=False)
-    sender = Triggers(stack, 'job_name=count', 200, pace=0.005)
+    sender = triggers(stack, 'job_name=count', 200, pace=0.005)
     sender.start()
     sender.wait_accepted(50)
     stack.stop('w1', signal.SIGKILL)
@@ -84,7 +85,7 @@ def test_worker_killed_mid_job_reports_interrupted_never_reruns(make_stack):
 def test_broker_killed_right_after_answering(make_stack):
     stack = make_stack(JOBS, semaphore=False)
     # A request Mongrel2 had handed to the killed broker is never answered: it times out, unaccepted.
-    sender = Triggers(stack, 'job_name=count', 300, pace=0.003, timeout=4)
+    sender = triggers(stack, 'job_name=count', 300, pace=0.003, timeout=4)
     sender.start()
     sender.wait_accepted(100)
     stack.stop('broker', signal.SIGKILL)    # lands just after the 100th answer (or a few more)
@@ -112,7 +113,7 @@ def _get_ok(stack, path):
 
 def test_mongrel2_restart(make_stack):
     stack = make_stack(JOBS, semaphore=False)
-    sender = Triggers(stack, 'job_name=count', 300, pace=0.003, timeout=5)
+    sender = triggers(stack, 'job_name=count', 300, pace=0.003, timeout=5)
     sender.start()
     sender.wait_accepted(100)
     stack.stop('mongrel2')
@@ -128,7 +129,7 @@ def test_stalled_worker_with_tiny_high_water_mark(make_stack):
     worker = stack.procs['w1']
     worker.send_signal(signal.SIGSTOP)
     try:
-        sender = Triggers(stack, 'job_name=count', 200)
+        sender = triggers(stack, 'job_name=count', 200)
         sender.start()
         accepted = sender.finish()
         # /workers shows how far behind the stalled worker is.
@@ -142,7 +143,7 @@ def test_stalled_worker_with_tiny_high_water_mark(make_stack):
 
 def test_duplicate_triggers_with_same_key_start_once(make_stack):
     stack = make_stack(JOBS, semaphore=False)
-    senders = [Triggers(stack, [f'job_name=count&key=dup-{k}' for k in range(10)]) for _ in range(20)]
+    senders = [triggers(stack, [f'job_name=count&key=dup-{k}' for k in range(10)]) for _ in range(20)]
     for s in senders:
         s.start()
     answers = [s.finish() for s in senders]
@@ -156,7 +157,7 @@ def test_duplicate_triggers_with_same_key_start_once(make_stack):
 def test_semaphore_killed_mid_count_releases_once(make_stack):
     stack = make_stack(JOBS)
     dates = [f'2026_05_{d:02d}' for d in range(1, 21)]
-    sender = Triggers(stack, [f'job_name=part&date={d}' for _ in range(10) for d in dates], pace=0.002)
+    sender = triggers(stack, [f'job_name=part&date={d}' for _ in range(10) for d in dates], pace=0.002)
     sender.start()
     sender.wait_accepted(60)
     stack.stop('semaphore', signal.SIGKILL)
@@ -181,7 +182,7 @@ def test_hung_broker_is_noticed_and_caught_up(make_stack):
     try:
         log = os.path.join(stack.log_dir, 'w1.log')
         wait_for(lambda: 'broker silent' in open(log).read(), timeout=10, what='the worker to notice')
-        sender = Triggers(stack, 'job_name=count', 20, timeout=30)
+        sender = triggers(stack, 'job_name=count', 20, timeout=30)
         sender.start()    # Mongrel2 holds these until the broker answers again
     finally:
         broker.send_signal(signal.SIGCONT)
@@ -197,7 +198,7 @@ def test_expired_call_is_reported_not_run(make_stack):
     expires = stack.status(run)['expires']
     wait_for(lambda: time.time() > expires + 0.2, what='the deadline to pass')
     stack.start_worker('w1')
-    assert final_states(stack, 'stale', [run], ['w1']) == {(run, 'w1'): 'expired'}
+    assert final_states(stack.url, [run], ['w1'], 60) == {(run, 'w1'): 'expired'}
     assert stack.lines('ran-w1.txt') == []
     assert wait_for(lambda: stack.lines('record-stale.txt')) == ['expired']    # on_failure fired
 
@@ -248,3 +249,37 @@ def test_prune_waits_for_the_slowest_cursor(tmp_path):
     assert journal.prune(time.time() + 1, {}) == 2              # the newest (r4) always stays
     journal.commit()
     assert [c['run_id'] for c in journal.calls_after('count', 0, 10)] == ['r4']
+
+
+def test_a_burst_whose_commit_fails_leaves_no_trace(make_stack, tmp_path):
+    """The journal's disk fills up under a burst of triggers: for any run the journal does not hold,
+    no client got 200, no call was published (nothing ran), and /metrics counts nothing.
+
+    Before: the counters behind /metrics kept the runs of the failed commit."""
+    small = tmp_path / 'small'
+    small.mkdir()
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=512k', 'tmpfs', str(small)], check=True, timeout=10)
+    try:
+        stack = make_stack(JOBS, start=False)
+        stack.broker_args = ['--home', str(small / 'broker')]    # the journal, on a disk of 512 KiB
+        stack.start([('w1', ['--topics', 'count'])], semaphore=False)
+        big = 'x' * 2000    # about 2 KB of journal per run: a few hundred fill the disk
+        sender = triggers(stack, f'job_name=count&v={big}', 400)
+        sender.start()
+        accepted = sender.finish()
+        assert sender.refused[500] > 0 and accepted, (sender.refused, len(accepted))    # it did fill up
+        # Room again: the broker carries on by itself (its results and heartbeats commit again).
+        subprocess.run(['mount', '-o', 'remount,size=64m', str(small)], check=True, timeout=10)
+        journaled = {r['run_id'] for r in stack.runs('count')}
+        assert set(accepted) <= journaled    # every 200 is in the journal
+        _, text = stack.get('/metrics')
+        started = [line for line in text.decode().splitlines() if line.startswith('jobz_runs_started_total{')]
+        assert started == [f'jobz_runs_started_total{{job="count"}} {len(journaled)}'], started
+        states = final_states(stack.url, journaled, ['w1'], 60)
+        assert set(states.values()) == {'succeeded'}
+        ran = stack.lines('ran-w1.txt')
+        assert sorted(ran) == sorted(journaled)    # each journaled run ran once; nothing else ran
+    finally:
+        for stack_proc in ('mongrel2', 'w1', 'broker'):
+            stack.stop(stack_proc)
+        subprocess.run(['umount', str(small)], check=True, timeout=30)

@@ -1,6 +1,5 @@
 """The front end under attack: idle and unfinished connections, held waits, the handler sockets,
 other sites' pages and rebound names, requests framed two ways. Real Mongrel2, real broker."""
-import json
 import os
 import resource
 import socket

@@ -3,7 +3,7 @@
 Each test performs the attack through the real front end and shows it refused."""
 import pytest
 
-from conftest import TestStack, http, wait_for
+from conftest import TestStack, http, started, wait_for
 
 JOBS = r"""
 feed:
@@ -26,12 +26,8 @@ other:
 
 @pytest.fixture(scope='module')
 def stack(tmp_path_factory):
-    s = TestStack(str(tmp_path_factory.mktemp('links')), JOBS)
-    try:
-        s.start(['w1'])
+    with started(TestStack(str(tmp_path_factory.mktemp('links')), JOBS)) as s:
         yield s
-    finally:
-        s.stop_all()
 
 
 def go(stack, date: str) -> None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import Triggers, assert_each_ran_once, free_port, wait_for
+from conftest import assert_each_ran_once, free_port, triggers, wait_for
 
 JOBS = """
 count:
@@ -125,7 +125,7 @@ def test_network_cut_without_rst(net, make_stack):
     wait_for(lambda: len(connections_to(ns, broker, broker_ports)) == 2, 10, 'w1 connected to pub and router')
 
     # Paced so that triggers arrive before, during and after the cut (200 take 10 s at least).
-    sender = Triggers(stack, 'job_name=count', 200, pace=0.05)
+    sender = triggers(stack, 'job_name=count', 200, pace=0.05)
     sender.start()
     sender.wait_accepted(30)
     assert 'broker silent' not in log_of(stack, 'w1')
@@ -150,7 +150,7 @@ def test_network_cut_without_rst(net, make_stack):
     restored = len(sender.accepted)
 
     accepted = sender.finish()
-    assert len(accepted) == 200 and sender.refused == 0    # the front end never depended on the worker
+    assert len(accepted) == 200 and not sender.refused    # the front end never depended on the worker
     assert during > 0 and len(accepted) > restored, (before, during, restored)
     states = assert_each_ran_once(stack, 'count', accepted, workers=('w1',), timeout=90)
     assert states == {'succeeded': len(accepted)}, states

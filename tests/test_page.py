@@ -5,7 +5,7 @@ import re
 import pytest
 from playwright import sync_api    # the test extra; a missing install fails here, it is never skipped
 
-from conftest import ROOT, TestStack
+from conftest import ROOT, TestStack, started
 
 expect = sync_api.expect
 
@@ -44,12 +44,8 @@ greet:
 
 @pytest.fixture(scope='module')
 def stack(tmp_path_factory):
-    s = TestStack(str(tmp_path_factory.mktemp('page')), JOBS)
-    try:
-        s.start(workers=[('w1', ['--concurrency', '4'])])
+    with started(TestStack(str(tmp_path_factory.mktemp('page')), JOBS), [('w1', ['--concurrency', '4'])]) as s:
         yield s
-    finally:
-        s.stop_all()
 
 
 class Browser:

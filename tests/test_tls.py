@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import free_port, http, wait_for
+from conftest import TestStack, free_port, http, started, wait_for
 from jobz import ca, keys
 
 JOBS = """
@@ -61,14 +61,9 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def stack(pki, tmp_path_factory):
-    from conftest import TestStack
-    s = TestStack(str(tmp_path_factory.mktemp('tls')), JOBS, tls=pki['ca'], tls_port=free_port(),
-                  clients=pki['clients'])
-    try:
-        s.start(['w1'])
+    with started(TestStack(str(tmp_path_factory.mktemp('tls')), JOBS, tls=pki['ca'], tls_port=free_port(),
+                           clients=pki['clients'])) as s:
         yield s
-    finally:
-        s.stop_all()
 
 
 def tls_get(stack, pki, path, cert=None, version=None, headers=None):

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TestStack, wait_for
+from conftest import TestStack, started, wait_for
 
 JOBS = r"""
 talk:
@@ -35,14 +35,11 @@ after:
 
 @pytest.fixture(scope='module')
 def stack(tmp_path_factory):
-    s = TestStack(str(tmp_path_factory.mktemp('views')), JOBS)
-    try:
-        # w2 keeps only 500 characters of output per run.
-        s.start([('w1', ['--topics', 'talk,a,b,part,after']), ('w2', ['--topics', 'small', '--output-max', '500',
-                                                                      '--output-tail', '100'])], True)
+    # w2 keeps only 500 characters of output per run.
+    with started(TestStack(str(tmp_path_factory.mktemp('views')), JOBS),
+                 [('w1', ['--topics', 'talk,a,b,part,after']),
+                  ('w2', ['--topics', 'small', '--output-max', '500', '--output-tail', '100'])]) as s:
         yield s
-    finally:
-        s.stop_all()
 
 
 def go(stack, name):
