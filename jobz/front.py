@@ -1,6 +1,6 @@
 """The HTTP side of the broker: one table from path to handler, who is calling, the held requests.
 
-A request goes on_http -> handle -> route (checks, then the handler named in ROUTES) ->
+A request goes on_http -> handle -> route (checks, then its handler from the routing table) ->
 job_start, which journals the run and puts its call in the burst; the broker publishes it and
 answers once the burst is committed.
 """

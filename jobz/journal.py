@@ -18,7 +18,6 @@ import json
 import os
 import sqlite3
 import time
-from contextlib import contextmanager
 
 from .files import private_file
 from .protocol import FINAL_STATES, OPEN_STATES, PENDING, RUNNING, is_int, number, run_state, text
@@ -78,6 +77,27 @@ CREATE TABLE IF NOT EXISTS workers (        -- the registry, so a restarted brok
 """
 MAX_OUTPUT = 1 << 20    # characters of output kept per run and worker
 IS_OPEN = f'IN {OPEN_STATES!r}'    # SQL: a worker's state is still open (the names are plain words)
+SET_RESULT = ("INSERT INTO results (run_id, worker, state, rc, signal, reason, started, finished, output_tail) "
+              "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = ?) "
+              "ON CONFLICT (run_id, worker) DO UPDATE SET state = excluded.state, rc = excluded.rc, "
+              "signal = excluded.signal, reason = excluded.reason, started = excluded.started, "
+              "finished = excluded.finished, output_tail = excluded.output_tail "
+              f"WHERE results.state {IS_OPEN}")    # a final result is recorded once; repeats change nothing
+
+
+class Savepoint:
+    """A savepoint as a context manager (a class, not a generator: it runs once per message)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute('SAVEPOINT msg')
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            self.db.execute('ROLLBACK TO msg')
+        self.db.execute('RELEASE msg')
 
 
 def worker_record(r: sqlite3.Row) -> dict:
@@ -123,17 +143,10 @@ class Journal:
             self.db.execute('ROLLBACK')
         self.heads = {r[0]: r[1] for r in self.db.execute('SELECT topic, max(seq) FROM runs GROUP BY topic')}
 
-    @contextmanager
-    def savepoint(self):
-        """Inside the open transaction: undo only what the block wrote if it raises (and re-raise)."""
-        self.db.execute('SAVEPOINT msg')
-        try:
-            yield
-        except BaseException:
-            self.db.execute('ROLLBACK TO msg')
-            raise
-        finally:
-            self.db.execute('RELEASE msg')
+    def savepoint(self) -> 'Savepoint':
+        """Inside the open transaction: `with journal.savepoint():` undoes only what the block wrote if it
+        raises (and re-raises)."""
+        return Savepoint(self.db)
 
     def changes(self) -> int:
         """A number that grows with every row written: compare two readings to see whether anything was."""
@@ -219,13 +232,7 @@ class Journal:
         tail = r.get('output_tail') if isinstance(r.get('output_tail'), str) else ''
         values = (run_id, worker, state, rc, text(r.get('signal'), 50), text(r.get('reason')),
                   number(r.get('started')), number(r.get('finished')), tail[-65536:])
-        cur = self.db.execute(
-            "INSERT INTO results (run_id, worker, state, rc, signal, reason, started, finished, output_tail) "
-            "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = ?) "
-            "ON CONFLICT (run_id, worker) DO UPDATE SET state = excluded.state, rc = excluded.rc, "
-            "signal = excluded.signal, reason = excluded.reason, started = excluded.started, "
-            "finished = excluded.finished, output_tail = excluded.output_tail "
-            f"WHERE results.state {IS_OPEN}", values + (run_id,))
+        cur = self.db.execute(SET_RESULT, values + (run_id,))
         return cur.rowcount > 0
 
     def add_note(self, run_id: str, worker: str | None, note: str) -> None:

@@ -27,17 +27,18 @@ PENDING, RUNNING = 'pending', 'running'
 SUCCEEDED, FAILED, INTERRUPTED, EXPIRED = 'succeeded', 'failed', 'interrupted', 'expired'
 OPEN_STATES = (PENDING, RUNNING)
 FINAL_STATES = (SUCCEEDED, FAILED, INTERRUPTED, EXPIRED)
+OPEN_SET = frozenset(OPEN_STATES)
 RUN_ENDED = (SUCCEEDED, FAILED)    # a run's own final states: any worker's failure is the run's
 
 
 def run_state(worker_states) -> str:
     """A run's state from its workers' states: the one rule, used everywhere."""
-    worker_states = list(worker_states)
-    if all(s == PENDING for s in worker_states):    # none at all: nobody took it yet
+    states = set(worker_states)
+    if states <= {PENDING}:    # none at all, or nobody took it yet
         return PENDING
-    if any(s in OPEN_STATES for s in worker_states):
+    if states & OPEN_SET:
         return RUNNING
-    return SUCCEEDED if all(s == SUCCEEDED for s in worker_states) else FAILED
+    return SUCCEEDED if states == {SUCCEEDED} else FAILED
 
 
 def topic_frame(topic: str) -> bytes:
