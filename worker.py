@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'worker-{args.name}.db'), sync_interval=args.sync_interval,
                   rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key,
-                  tls=client_context(args.tls_cert, args.tls_key, args.tls_ca))
+                  tls=client_context(args.tls_cert, args.tls_key, args.tls_ca), slots=args.concurrency)
     worker = Worker(agent, jobs, name=args.name, url=args.url,
                     concurrency=args.concurrency, kill_grace=args.kill_grace, output_tail=args.output_tail,
                     output_max=args.output_max)

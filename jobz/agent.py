@@ -74,12 +74,15 @@ def broker_sockets(ctx: zmq.Context, name: str, topics: list[str], pub: str, rou
 
 class Agent:
     def __init__(self, ctx: zmq.Context, name: str, topics: list[str], *, pub: str, router: str,
-                 db_path: str, sync_interval: float = 1.0, running=lambda: 0, rcvhwm: int = 1000,
+                 db_path: str, sync_interval: float = 1.0, running=lambda: 0, rcvhwm: int = 1000, slots: int = 0,
                  curve_secret: str | None = None, broker_key: str | None = None, tls=None):
         self.name = name
         self.topics = sorted(set(topics))
         self.sync_interval = sync_interval
         self.running = running          # how many jobs the owner runs now (for /workers)
+        self.slots = slots              # commands the owner runs at once: room for pool calls (0: none)
+        self.busy = lambda: 0           # the owner's calls that are not pool calls, queued or running
+        self.asked_at: dict[str, float] = {}   # run_id -> when TAKE was last sent for a pool call
         self.ctx, self.addrs, self.rcvhwm = ctx, (pub, router), rcvhwm
         self.curve = (curve_secret, broker_key) if curve_secret else None
         self.sub = self.dealer = None
@@ -150,7 +153,7 @@ class Agent:
                 call = p.unpack(payload)
             except ValueError:
                 call = None
-            if not p.is_call(call, self.topics):
+            if not p.is_call(call, self.topics) or call['seq'] < 0:    # pool calls come by ASSIGN only
                 log.warning('dropping a live call that is not well-formed')
                 continue
             seq, topic = call['seq'], call['topic']
@@ -187,6 +190,12 @@ class Agent:
                 elif verb == p.ACK:
                     ids = msg.get('run_ids') if isinstance(msg.get('run_ids'), list) else [msg.get('run_id')]
                     acked += [r for r in ids if isinstance(r, str)]
+                elif verb == p.ASSIGN:
+                    self._assigned(msg)
+                elif verb == p.GO:
+                    calls += self._go(msg.get('run_id'))
+                elif verb == p.REFUSE:
+                    self._refused(msg.get('run_id'))
             except ValueError:
                 log.warning('dropping a bad %r from the broker', verb[:32])
         if acked:
@@ -195,10 +204,38 @@ class Agent:
                 self.sent_at.pop(run_id, None)
         return calls
 
+    # -- pool calls: ASSIGN, then TAKE (recorded first), then GO or REFUSE (see pool.py) --------
+    def _assigned(self, call) -> None:
+        """A pool call given to us: record it as `taking` and ask for it (TAKE goes out after the commit)."""
+        if not (p.is_call(call, self.topics) and call.get('pool') and call['seq'] < 0):
+            log.warning('dropping an ASSIGN that is not a pool call of our topics')
+            return
+        db = self.write()
+        db.execute("INSERT OR IGNORE INTO calls (run_id, call, state, at) VALUES (?, ?, 'taking', ?)",
+                   (call['run_id'], json.dumps(call), time.time()))
+        (state,) = db.execute('SELECT state FROM calls WHERE run_id = ?', (call['run_id'],)).fetchone()
+        if state == 'taking':    # else we had it already (taken, run, done): never twice
+            self.outgoing.append((p.TAKE, {'run_id': call['run_id']}))
+            self.asked_at[call['run_id']] = time.monotonic()
+
+    def _go(self, run_id) -> list[dict]:
+        """The broker says the pool call is ours: it joins the calls to run."""
+        self.asked_at.pop(run_id, None)
+        row = self.db.execute("SELECT call FROM calls WHERE run_id = ? AND state = 'taking'", (run_id,)).fetchone()
+        if row is None:
+            return []    # a GO again (our TAKE was sent twice): we have it already
+        self.write().execute("UPDATE calls SET state = 'queued' WHERE run_id = ?", (run_id,))
+        return [json.loads(row[0])]
+
+    def _refused(self, run_id) -> None:
+        """The pool call went to another worker meanwhile: forget it."""
+        self.asked_at.pop(run_id, None)
+        self.write().execute("DELETE FROM calls WHERE run_id = ? AND state = 'taking'", (run_id,))
+
     def _on_calls(self, msg: dict) -> list[dict]:
         self.sync_sent = None
         given = msg.get('calls') if isinstance(msg.get('calls'), list) else []
-        calls = [c for c in given if p.is_call(c, self.topics)]
+        calls = [c for c in given if p.is_call(c, self.topics) and c['seq'] > 0]
         if len(calls) < len(given):
             log.warning('dropping %d calls that are not well-formed', len(given) - len(calls))
         cursors = msg.get('cursors') if isinstance(msg.get('cursors'), dict) else {}
@@ -300,7 +337,8 @@ class Agent:
         if self.sync_sent is not None and now - self.sync_sent > max(5.0, 3 * self.sync_interval):
             self.sync_sent = None    # the answer was lost (broker restart): ask again
         if self.sync_sent is None and now >= self.sync_due:
-            self._send(p.SYNC, {'topics': self.topics, 'cursors': self.cursors, 'running': self.running()})
+            self._send(p.SYNC, {'topics': self.topics, 'cursors': self.cursors, 'running': self.running(),
+                                'slots': self.slots, 'busy': self.busy()})
             self.sync_sent = now
         if now >= self.outbox_due:    # once a second is plenty: a result is resent after RESEND_AFTER
             self.outbox_due = now + 1.0
@@ -308,6 +346,11 @@ class Agent:
                 if now - self.sent_at.get(run_id, 0.0) >= RESEND_AFTER:
                     self._send(p.RESULT, json.loads(result))
                     self.sent_at[run_id] = now
+            # Pool calls we asked for with no answer yet (a broker restart, a lost message): ask again.
+            for (run_id,) in self.db.execute("SELECT run_id FROM calls WHERE state = 'taking'").fetchall():
+                if now - self.asked_at.get(run_id, 0.0) >= RESEND_AFTER:
+                    self._send(p.TAKE, {'run_id': run_id})
+                    self.asked_at[run_id] = now
         self.handlers.tick(now)
         if now >= self.prune_due:
             self.prune_due = now + 3600.0

@@ -14,6 +14,7 @@ from .curve import Enrolled
 from .jobfile import NAME_RE, Job
 from .journal import Journal
 from .logs import about
+from .pool import Pool
 
 log = logging.getLogger('jobz.broker')
 
@@ -29,6 +30,8 @@ class Peer:
     cursors: dict[str, int]             # topic -> the last sequence number it had taken at its last SYNC
     seen: float                         # time.monotonic() it was last heard (long ago: it said goodbye)
     running: int = 0                    # commands it said it runs
+    slots: int = 0                      # commands it runs at once (0: it takes no pool calls)
+    busy: int = 0                       # the calls it holds that are not pool calls (queued or running)
     ident: bytes | None = None          # routing id of the connection its last SYNC came on
     saved: float = float('-inf')        # time.monotonic() its registry row was last written
 
@@ -71,12 +74,20 @@ class Registry:
             del self.peers[name]
 
 
+def count(msg: dict, key: str) -> int:
+    """A small count a worker reports (0 when it is missing or makes no sense)."""
+    value = msg.get(key)
+    return value if p.is_int(value) and 0 <= value < 1 << 20 else 0
+
+
 class Back:
-    def __init__(self, journal: Journal, jobs: dict[str, Job], registry: Registry, enrolled: Enrolled | None):
+    def __init__(self, journal: Journal, jobs: dict[str, Job], registry: Registry, enrolled: Enrolled | None,
+                 pool: Pool):
         self.journal = journal
         self.jobs = jobs
         self.registry = registry
         self.enrolled = enrolled
+        self.pool = pool
 
     def on_router(self, frames: list[bytes], user: str | None, out: Burst) -> None:
         """One message from a worker (its frames, and the name ZAP gave its key, under CURVE)."""
@@ -115,6 +126,10 @@ class Back:
             if run_id and p.is_int(offset) and offset >= 0 and isinstance(msg.get('text'), str) \
                     and self.may_report(worker, run_id):
                 self.journal.add_output(run_id, worker, offset, msg['text'])
+        elif verb == p.TAKE:
+            run_id = p.text(msg.get('run_id'), 200)
+            if run_id and self.may_report(worker, run_id):
+                self.pool.take(worker, ident, run_id, out)
         elif verb == p.BYE:
             peer = self.registry.peers.get(worker)
             if peer:    # remembered (its cursor still guards pruning), no longer expected
@@ -130,6 +145,7 @@ class Back:
             raise ValueError('no run_id')
         if self.may_report(worker, run_id) and self.journal.set_result(run_id, worker, msg):
             out.touched.add(run_id)
+            self.pool.reported(worker, run_id, msg['state'])
             if isinstance(msg.get('output'), str):    # absent when the command wrote nothing
                 dropped = msg.get('output_dropped')
                 self.journal.add_output(run_id, worker, dropped if p.is_int(dropped) and dropped > 0 else 0,
@@ -190,8 +206,10 @@ class Back:
         if old is None or not self.registry.alive(old, now):
             log.info('worker %s joined for topics %s', worker, ', '.join(topics))
         peer = self.registry.peers[worker] = Peer(
-            worker, set(topics), new_cursors, now, msg['running'] if p.is_int(msg.get('running')) else 0,
+            worker, set(topics), new_cursors, now, count(msg, 'running'), count(msg, 'slots'), count(msg, 'busy'),
             ident, old.saved if old else float('-inf'))
+        if old is not None and old.ident != ident:
+            self.pool.requeue(worker)    # a new connection: what the old one was given may be lost
         if old is None or old.topics != peer.topics or now - peer.saved >= SAVE_EVERY or more:
             self.registry.save(peer)
         return {'calls': calls, 'cursors': new_cursors, 'more': more}

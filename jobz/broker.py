@@ -20,6 +20,7 @@ from .jobfile import Job
 from .journal import Journal
 from .m2 import Connection
 from .metrics import Stats
+from .pool import Pool
 from .tls import ClientCerts
 from .views import Views
 
@@ -59,11 +60,12 @@ class Broker:
         self._secure(self.router, ROUTER_DOMAIN)
         self.router.bind(router)
         self.registry = Registry(journal, worker_timeout)
-        self.back = Back(journal, jobs, self.registry, enrolled)
+        self.pool = Pool(journal, jobs, self.registry)
+        self.back = Back(journal, jobs, self.registry, enrolled, self.pool)
         self.stats = Stats()
         access = Access(jobs, journal, clients, self.back.agent_topics)
         views = Views(jobs, journal, self.registry, self.stats, lambda: self.front.waits.count())
-        self.front = Front(jobs, journal, views, access, self.registry.expected, clients=clients,
+        self.front = Front(jobs, journal, views, access, self.registry.expected, self.pool, clients=clients,
                            max_body=max_body, **({'hostnames': hostnames} if hostnames else {}))
         # A burst of worker reports alone may stay open (uncommitted) for COMMIT_DELAY, to share
         # its fsync with the reports that come next; then its ACKs wait with it.
@@ -136,6 +138,7 @@ class Broker:
             for front in (self.fronts if http is True else http or []):
                 self._drain(front.reqs, lambda m, f=front: self.front.on_http(m, f, burst))
             self.front.unpark(burst)
+            self.pool.assign(burst)    # pool calls to workers with room (results may have freed some)
             now = time.monotonic()
             if self.held_since is None and self.journal.changes() != before:
                 self.held_since = now
@@ -162,6 +165,8 @@ class Broker:
             self.publish(call)
         for ident, run_ids in burst.acks.items():    # one ACK per worker for all its results
             self.router.send_multipart([ident, p.ACK, p.pack({'run_ids': run_ids})])
+        for frames in burst.sends:    # pool calls given (ASSIGN), taken (GO) or refused
+            self.router.send_multipart(frames)
         for req, status, body in burst.answers:
             req.front.answer(req, status, body)
         self.front.waits.keep(burst)

@@ -14,6 +14,7 @@ class Burst:
     answers: list = field(default_factory=list)     # (request, status, body) to send
     waits: list = field(default_factory=list)       # (run_id, request, caller, deadline): wait= to hold
     replies: list = field(default_factory=list)     # frames for the ROUTER: CALLS answers to SYNC
+    sends: list = field(default_factory=list)       # frames for the ROUTER that must wait for the commit (pool)
     acks: dict = field(default_factory=dict)        # a worker's routing id -> run ids of its journaled results
     touched: set = field(default_factory=set)       # runs whose results changed
     started: list = field(default_factory=list)     # job of each run journaled (for /metrics)
@@ -31,4 +32,4 @@ class Burst:
 
     def idle(self) -> bool:
         """Nothing in it that a client waits for: worker reports alone may wait for company."""
-        return not (self.answers or self.calls or self.waits)
+        return not (self.answers or self.calls or self.waits or self.sends)

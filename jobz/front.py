@@ -17,6 +17,7 @@ from .jobfile import Job, ParamError, prepare_params
 from .journal import Journal
 from .logs import about
 from .m2 import BadMessage, Connection, HttpError, Raw, Request, encode
+from .pool import Pool
 from .tls import ClientCerts
 from .views import Views, number, required
 
@@ -51,13 +52,14 @@ def new_run_id() -> str:
 
 
 class Front:
-    def __init__(self, jobs: dict[str, Job], journal: Journal, views: Views, access: Access, expected, *,
+    def __init__(self, jobs: dict[str, Job], journal: Journal, views: Views, access: Access, expected, pool: Pool, *,
                  clients: ClientCerts | None = None, hostnames: str = defaults.HOSTNAMES, max_body: int = 65536):
         self.jobs = jobs
         self.journal = journal
         self.views = views
         self.access = access
         self.expected = expected        # topic -> the workers a new run on it waits for
+        self.pool = pool                # run_on: one jobs: each call to one worker
         self.clients = clients
         # Host names served ('*': any). A browser on another site that rebinds its own name to our
         # address sends that name: refused, so it cannot read our answers.
@@ -216,9 +218,12 @@ class Front:
         if run_id is None:
             run_id, params, sanitized, workers = self.start(job, q, key, parent, caller, ask.burst)
             if wait is None:    # answered from what was just written: no need to read it back
-                return {'run_id': run_id, 'job': job.name, 'topic': job.topic, 'params': params,
-                        'sanitized': sanitized, 'workers': workers, 'existing': False,
-                        'status_url': f'/job_status?run_id={run_id}'}
+                answer = {'run_id': run_id, 'job': job.name, 'topic': job.topic, 'params': params,
+                          'sanitized': sanitized, 'workers': workers, 'existing': False,
+                          'status_url': f'/job_status?run_id={run_id}'}
+                if job.run_on == 'one':
+                    answer['queued'] = not workers    # waiting for a worker with room
+                return answer
             existing = False
         else:
             existing = True
@@ -245,10 +250,15 @@ class Front:
         run_id = new_run_id()
         while self.journal.exists(run_id):    # taken (in this burst, too): draw again
             run_id = new_run_id()
-        workers = self.expected(job.topic)
+        pool = job.run_on == 'one'
+        workers = [] if pool else self.expected(job.topic)
         call = self.journal.add_run(run_id, job.name, job.topic, params, sanitized, key, workers, parent,
-                                    job.expires, caller.name)
-        burst.calls.append(call)
+                                    job.expires, caller.name, pool=pool)
+        if pool:    # not published: given to one worker with room, now or when one has some
+            worker = self.pool.add(run_id, job.topic, burst)
+            workers = [worker] if worker else []
+        else:
+            burst.calls.append(call)
         burst.started.append(job.name)
         burst.logs.append((logging.INFO, about(run_id, job.name), 'run %s: job %s on topic %s, seq %d, by %s',
                            run_id, job.name, job.topic, call['seq'], caller.name))

@@ -90,8 +90,13 @@ class LocalStack(Stack):
         return body
 
     def wait_run(self, run_id: str, states=RUN_ENDED, timeout: float = 15.0) -> dict:
-        return wait_for(lambda: (lambda s: s if s['state'] in states else None)(self.status(run_id)),
-                        timeout, f'run {run_id} to reach {states}')
+        def reached():
+            try:
+                status = self.status(run_id)
+            except OSError:    # a request on its way when the broker went (a restart): ask again
+                return None
+            return status if status['state'] in states else None
+        return wait_for(reached, timeout, f'run {run_id} to reach {states}')
 
     def runs(self, job: str) -> list:
         return self.get(f'/runs?job={job}&limit=1000')[1]['runs']

@@ -26,7 +26,8 @@ HANDLER_BUILTINS = BUILTINS | {'worker', 'rc', 'state'}
 # Query names with a meaning of their own; never job parameters.
 RESERVED = {'job_name', 'wait', 'key', 'parent'}
 KEYS = {'command', 'topic', 'params', 'defaults', 'timeout', 'on_success', 'on_failure', 'semaphore',
-        'retry', 'expires'}
+        'retry', 'expires', 'run_on'}
+RUN_ON = ('all', 'one')    # every subscribed worker runs each call (broadcast), or exactly one (a pool)
 
 
 class JobFileError(Exception):
@@ -51,6 +52,7 @@ class Job:
     semaphore: dict | None = None                   # {'count': int or 'all', 'key': str | None}
     retry: dict | None = None                       # {'count': int, 'backoff': seconds}
     expires: float | None = None                    # seconds after the trigger
+    run_on: str = 'all'                             # 'one': each call goes to one worker of the topic
 
     @functools.cached_property
     def placeholders(self) -> frozenset:
@@ -76,7 +78,7 @@ class Job:
                 'params': {k: v.pattern for k, v in self.params.items()},
                 'defaults': self.defaults, 'timeout': self.timeout,
                 'on_success': self.on_success, 'on_failure': self.on_failure,
-                'semaphore': self.semaphore, 'retry': self.retry, 'expires': self.expires,
+                'semaphore': self.semaphore, 'retry': self.retry, 'expires': self.expires, 'run_on': self.run_on,
                 'file': self.source}
 
 
@@ -169,6 +171,13 @@ def parse_job(name, spec, source: str) -> Job:
     for key in ('timeout', 'expires'):
         if key in spec:
             setattr(job, key, _seconds(f"{where}: {key!r}", spec[key]))
+    if 'run_on' in spec:
+        if spec['run_on'] not in RUN_ON:
+            raise JobFileError(f"{where}: 'run_on' must be 'all' (every worker of the topic runs each call) "
+                               f"or 'one' (one worker of the topic does), not {spec['run_on']!r}")
+        if job.semaphore and spec['run_on'] == 'one':
+            raise JobFileError(f"{where}: 'run_on' is for jobs with a command, not for a semaphore")
+        job.run_on = spec['run_on']
     if 'retry' in spec:
         job.retry = _parse_retry(f"{where}: 'retry'", spec['retry'])
     for key in ('on_success', 'on_failure'):

@@ -68,6 +68,16 @@ CREATE TABLE IF NOT EXISTS notes (
     note   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS notes_run ON notes (run_id);
+CREATE TABLE IF NOT EXISTS pool (           -- calls of run_on: one jobs until their worker reports on them
+    run_id  TEXT PRIMARY KEY REFERENCES runs (run_id),
+    topic   TEXT NOT NULL,
+    worker  TEXT,                           -- the worker it is given to; NULL: queued, waiting for room
+    taken   INTEGER NOT NULL DEFAULT 0,     -- 1 once that worker has it (TAKE journaled): it may have started
+    since   REAL NOT NULL,                  -- when it joined the queue (first in, first out per topic)
+    attempt INTEGER NOT NULL DEFAULT 1      -- the how-manieth time it is given out (retry: after an interrupted one)
+);
+CREATE INDEX IF NOT EXISTS pool_queue ON pool (topic, since) WHERE worker IS NULL;
+CREATE INDEX IF NOT EXISTS pool_worker ON pool (worker) WHERE worker IS NOT NULL;
 CREATE TABLE IF NOT EXISTS workers (        -- the registry, so a restarted broker knows who to expect
     name      TEXT PRIMARY KEY,
     topics    TEXT NOT NULL,
@@ -115,7 +125,8 @@ def summary_record(r: sqlite3.Row) -> dict:
     return {'run_id': r['run_id'], 'job': r['job'], 'state': run_state(workers.values()),
             'params': json.loads(r['params']), 'created': r['created'], 'finished': finished,
             'duration': finished - r['created'] if finished else None,
-            'parent': r['parent'], 'triggered_by': r['by'], 'key': r['key'], 'workers': workers}
+            'parent': r['parent'], 'triggered_by': r['by'], 'key': r['key'], 'workers': workers,
+            'queued': bool(r['queued'])}
 
 
 class Journal:
@@ -126,7 +137,7 @@ class Journal:
         self.db.execute('PRAGMA journal_mode=WAL')
         self.db.execute('PRAGMA synchronous=FULL')
         self.db.executescript(SCHEMA.format(open_states=repr(OPEN_STATES)))
-        self.heads = {r[0]: r[1] for r in self.db.execute('SELECT topic, max(seq) FROM runs GROUP BY topic')}
+        self.heads, self.pool_heads = self._heads()
 
     def begin(self) -> None:
         if not self.db.in_transaction:
@@ -141,7 +152,12 @@ class Journal:
         # A COMMIT that failed (a full disk, say) may have rolled back already: then nothing to undo.
         if self.db.in_transaction:
             self.db.execute('ROLLBACK')
-        self.heads = {r[0]: r[1] for r in self.db.execute('SELECT topic, max(seq) FROM runs GROUP BY topic')}
+        self.heads, self.pool_heads = self._heads()
+
+    def _heads(self) -> tuple[dict, dict]:
+        """Per topic: the last sequence number given (calls > 0), and the last given to a pool call (< 0)."""
+        rows = self.db.execute('SELECT topic, max(seq), min(seq) FROM runs GROUP BY topic').fetchall()
+        return {t: hi for t, hi, _ in rows if hi > 0}, {t: lo for t, _, lo in rows if lo < 0}
 
     def savepoint(self) -> 'Savepoint':
         """Inside the open transaction: `with journal.savepoint():` undoes only what the block wrote if it
@@ -154,9 +170,17 @@ class Journal:
 
     def add_run(self, run_id: str, job: str, topic: str, params: dict, sanitized: list,
                 key: str | None, workers: list[str], parent: str | None = None,
-                expires: float | None = None, by: str | None = None) -> dict:
-        """Journal a new run (inside the open transaction); return its call."""
-        seq = self.heads.get(topic, 0) + 1
+                expires: float | None = None, by: str | None = None, pool: bool = False) -> dict:
+        """Journal a new run (inside the open transaction); return its call.
+
+        A pool call takes the next number below zero instead: workers never catch up on it (they
+        catch up on seq > their cursor); the broker gives it to one of them (pool.py)."""
+        if pool:
+            seq = self.pool_heads.get(topic, 0) - 1
+            self.pool_heads[topic] = seq
+        else:
+            seq = self.heads.get(topic, 0) + 1
+            self.heads[topic] = seq
         created = time.time()
         expires_at = created + expires if expires else None
         self.db.execute('INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
@@ -164,12 +188,15 @@ class Journal:
                          parent, expires_at, by))
         self.db.executemany('INSERT INTO results (run_id, worker, state) VALUES (?, ?, ?)',
                             [(run_id, w, PENDING) for w in workers])
-        self.heads[topic] = seq
+        if pool:
+            self.db.execute('INSERT INTO pool (run_id, topic, since) VALUES (?, ?, ?)', (run_id, topic, created))
         return self._call(run_id, job, topic, seq, params, key, created, parent, expires_at)
 
     def _call(self, run_id, job, topic, seq, params, key, created, parent, expires_at) -> dict:
         call = {'run_id': run_id, 'job': job, 'topic': topic, 'seq': seq, 'params': params,
                 'key': key, 'created': created}
+        if seq < 0:
+            call['pool'] = True
         if parent:
             # A semaphore with `count: all` needs to know whom the parent run waited for.
             call['parent'] = parent
@@ -213,7 +240,55 @@ class Journal:
                            r['created'], r['parent'], r['expires']) for r in rows]
 
     def oldest_seq(self, topic: str) -> int | None:
-        return self.db.execute('SELECT min(seq) FROM runs WHERE topic = ?', (topic,)).fetchone()[0]
+        return self.db.execute('SELECT min(seq) FROM runs WHERE topic = ? AND seq > 0', (topic,)).fetchone()[0]
+
+    def call(self, run_id: str) -> dict | None:
+        r = self.run_row(run_id)
+        return self._call(r['run_id'], r['job'], r['topic'], r['seq'], json.loads(r['params']), r['key'],
+                          r['created'], r['parent'], r['expires']) if r else None
+
+    # -- the pool: calls of run_on: one jobs -------------------------------
+    def pool_queue(self, topic: str, limit: int) -> list[str]:
+        """The run ids of the oldest calls of `topic` waiting for a worker, first in, first out."""
+        return [r[0] for r in self.db.execute(
+            'SELECT run_id FROM pool WHERE worker IS NULL AND topic = ? ORDER BY since, run_id LIMIT ?', (topic, limit))]
+
+    def pool_waiting(self) -> dict[str, tuple[int, float]]:
+        """topic -> (calls waiting for a worker, when the oldest of them joined the queue)."""
+        return {t: (n, since) for t, n, since in self.db.execute(
+            'SELECT topic, count(*), min(since) FROM pool WHERE worker IS NULL GROUP BY topic')}
+
+    def pool_held(self) -> dict[str, int]:
+        """worker -> pool calls given to it or taken by it that it has not reported on."""
+        return dict(self.db.execute('SELECT worker, count(*) FROM pool WHERE worker IS NOT NULL GROUP BY worker'))
+
+    def pool_row(self, run_id: str) -> sqlite3.Row | None:
+        return self.db.execute('SELECT * FROM pool WHERE run_id = ?', (run_id,)).fetchone()
+
+    def pool_give(self, run_id: str, worker: str | None) -> None:
+        """Give a call to `worker` (None: back to the queue, in its old place) unless one has taken it."""
+        self.db.execute('UPDATE pool SET worker = ? WHERE run_id = ? AND NOT taken', (worker, run_id))
+
+    def pool_take(self, run_id: str, worker: str) -> bool:
+        """`worker` asked for the call: if it is its (or nobody's), it has it now and may start it."""
+        cur = self.db.execute('UPDATE pool SET worker = ?, taken = 1 WHERE run_id = ? AND NOT taken '
+                              'AND (worker = ? OR worker IS NULL)', (worker, run_id, worker))
+        if cur.rowcount:
+            self.db.execute('INSERT OR IGNORE INTO results (run_id, worker, state) VALUES (?, ?, ?)',
+                            (run_id, worker, PENDING))
+        return cur.rowcount > 0
+
+    def pool_untaken(self, worker: str) -> list[str]:
+        return [r[0] for r in self.db.execute('SELECT run_id FROM pool WHERE worker = ? AND NOT taken', (worker,))]
+
+    def pool_again(self, run_id: str, worker: str) -> None:
+        """Queue a call again after `worker` reported it interrupted (its job asks for a retry)."""
+        self.db.execute('UPDATE pool SET worker = NULL, taken = 0, attempt = attempt + 1, since = ? '
+                        'WHERE run_id = ?', (time.time(), run_id))
+        self.db.execute('DELETE FROM results WHERE run_id = ? AND worker = ?', (run_id, worker))
+
+    def pool_done(self, run_id: str) -> None:
+        self.db.execute('DELETE FROM pool WHERE run_id = ?', (run_id,))
 
     def set_started(self, run_id: str, worker: str, started: float) -> bool:
         cur = self.db.execute(
@@ -251,7 +326,12 @@ class Journal:
                 'params': json.loads(run['params']), 'sanitized': json.loads(run['sanitized']),
                 'key': run['key'], 'created': run['created'], 'expires': run['expires'],
                 'parent': run['parent'], 'children': self.children(run_id), 'triggered_by': run['by'],
-                'workers': workers, 'notes': notes}
+                'workers': workers, 'notes': notes, 'queued': self.queued(run_id) if run['seq'] < 0 else False}
+
+    def queued(self, run_id: str) -> bool:
+        """A pool call no worker has taken yet: waiting in the queue (or given, not yet taken)."""
+        row = self.pool_row(run_id)
+        return row is not None and not row['taken']
 
     def find(self, jobs=(), param: tuple[str, str] | None = None, parent: str | None = None,
              limit: int = 1000) -> list[dict]:
@@ -273,7 +353,8 @@ class Journal:
         """Light run records (newest first), with each worker's state, from one query."""
         rows = self.db.execute(
             "SELECT r.run_id, r.job, r.params, r.created, r.parent, r.by, r.key, max(s.finished) AS finished, "
-            "group_concat(s.worker || '=' || s.state) AS states "
+            "group_concat(s.worker || '=' || s.state) AS states, "
+            "r.seq < 0 AND EXISTS (SELECT 1 FROM pool p WHERE p.run_id = r.run_id AND NOT p.taken) AS queued "
             f"FROM runs r LEFT JOIN results s USING (run_id) WHERE {where} "
             "GROUP BY r.run_id ORDER BY r.created DESC LIMIT ?", args + (limit,))
         return [summary_record(r) for r in rows]
@@ -361,10 +442,12 @@ class Journal:
         `slowest` maps a topic to the lowest cursor among workers still remembered;
         a topic missing from it holds nothing back."""
         doomed = []
-        rows = self.db.execute('SELECT run_id, topic, seq FROM runs WHERE created < ? ORDER BY created LIMIT ?',
-                               (older_than, limit)).fetchall()
+        # A pool call still in the pool (queued, or out with a worker) is not done: it stays.
+        rows = self.db.execute('SELECT run_id, topic, seq FROM runs WHERE created < ? AND run_id NOT IN '
+                               '(SELECT run_id FROM pool) ORDER BY created LIMIT ?', (older_than, limit)).fetchall()
         for run_id, topic, seq in rows:
-            # The newest run of a topic stays: it carries the sequence on across a restart.
+            # The newest run of a topic stays: it carries the sequence on across a restart (the
+            # newest pool call, most negative, outlives the older ones anyway).
             if seq <= slowest.get(topic, seq) and seq < self.heads.get(topic, 0):
                 doomed.append((run_id,))
         for table in ('notes', 'outputs', 'results', 'runs'):

@@ -110,6 +110,11 @@ def broker_metrics(stats: Stats, registry, journal, gates, waiting: int) -> byte
     m.family('jobz_journal_runs', 'gauge', 'Runs in the journal.', [({}, journal.count_runs())])
     m.family('jobz_journal_bytes', 'gauge', 'Size of the journal database and its write-ahead log.',
              [({}, journal.size())])
+    queues, wall = journal.pool_waiting(), time.time()
+    m.family('jobz_pool_queued', 'gauge', 'Calls of run_on: one jobs waiting for a worker with room, per topic.',
+             [({'topic': t}, n) for t, (n, _) in sorted(queues.items())])
+    m.family('jobz_pool_oldest_queued_seconds', 'gauge', 'How long the oldest call waiting for a worker has waited.',
+             [({'topic': t}, round(wall - since, 3)) for t, (_, since) in sorted(queues.items())])
     m.family('jobz_semaphore_gates_open', 'gauge', 'Gates with arrivals that have not released yet.',
              [({'job': j}, n) for j, n in sorted(gates.open_counts().items())])
     m.family('jobz_http_waiting', 'gauge', 'job_start?wait= requests held open for their run to end.',

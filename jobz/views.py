@@ -180,12 +180,14 @@ class Views:
                 'workers': len(self.registry.live()), 'jobs': len(self.jobs)}
 
     def workers(self, ask):
-        now, out = time.monotonic(), {}
+        now, out, held = time.monotonic(), {}, self.journal.pool_held()
         for name, peer in sorted(self.registry.peers.items()):
             lag = {t: max(0, self.journal.heads.get(t, 0) - c) for t, c in peer.cursors.items()}
             out[name] = {'topics': sorted(peer.topics), 'alive': self.registry.alive(peer, now),
                          'last_heartbeat': peer.last_seen(), 'seconds_ago': round(now - peer.seen, 3),
-                         'lag': lag, 'running': peer.running, 'running_runs': self.journal.running_on(name)}
+                         'lag': lag, 'running': peer.running, 'running_runs': self.journal.running_on(name),
+                         'slots': peer.slots, 'pool_calls': held.get(name, 0),
+                         'free_slots': max(0, peer.slots - peer.busy - held.get(name, 0))}
         return out
 
     def runs(self, ask):

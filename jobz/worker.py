@@ -67,6 +67,9 @@ class Worker:
         self.queue = deque(agent.queued())
         self.stop_requests = 0
         agent.running = lambda: len(self.running)
+        # What this worker holds besides pool calls: the broker counts those itself.
+        agent.busy = lambda: (sum(not r.call.get('pool') for r in self.running.values())
+                              + sum(not c.get('pool') for c in self.queue))
         self.delayed: list[tuple[float, dict]] = []   # (monotonic due time, call) of retries
         for call, attempts in agent.interrupted():
             self.interrupted(call, attempts)
@@ -74,7 +77,8 @@ class Worker:
     def interrupted(self, call: dict, attempts: int) -> None:
         """A call that was running when this worker stopped: retry it if its job says so, else report it."""
         job = self.jobs.get(call.get('job'))
-        retry = job.retry if job else None
+        # A pool call's retry is the broker's to give: to any worker of the topic (pool.py).
+        retry = job.retry if job and not call.get('pool') else None
         if retry and attempts <= retry['count']:
             delay = retry['backoff'] * 2 ** (attempts - 1)
             log.warning('run %s was running when this worker stopped; retry %d of %d in %.0fs',

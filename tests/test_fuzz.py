@@ -53,7 +53,7 @@ SAFE_RE = re.compile(r'[A-Za-z0-9_.,:@+=/-]*\Z')
 OK_STATUSES = {200, 400, 403, 404, 405, 409, 413}      # 500 is never acceptable for a client's input
 RESULT_STATES = ('pending', 'running') + p.FINAL_STATES
 
-ROUTES = sorted(Front({}, None, Views({}, None, None, None, None), None, None).routes)    # every path served
+ROUTES = sorted(Front({}, None, Views({}, None, None, None, None), None, None, None).routes)    # every path served
 
 # -- helpers --------------------------------------------------------------------------
 
