@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
 """Fault storm: does jobz lose or repeat runs while its processes are killed at random?
 
-Broker, Mongrel2 and workers w1, w2 (both on topics storm and storm_exp, so
-every run runs on both; --concurrency 2) in a temp folder on free loopback ports.
-A job appends its run id to ran-<worker>.txt, then sleeps 0.00-0.03 s: some
-kills land mid-job, yet a worker keeps up with 50/s; storm_exp has `expires: 2`.
-One thread sends --n triggers at --rate/s (an --expiring share for storm_exp; no
-catch-up burst after a stall). Another, seeded by --seed, injects faults at
+Broker, Mongrel2 and workers w1, w2 (both on topics storm, storm_exp and
+storm_pool; --concurrency 2) in a temp folder on free loopback ports. A job
+appends its run id to ran-<worker>.txt, then sleeps 0.00-0.03 s: some kills
+land mid-job, yet a worker keeps up with 50/s. storm and storm_exp (`expires:
+2`) run on both workers; storm_pool (`run_on: one`) on exactly one of them.
+One thread sends --n triggers at --rate/s (an --expiring share for storm_exp, a
+--pool share for storm_pool; no catch-up burst after a stall). Another, seeded by --seed, injects faults at
 random times: SIGKILL a random live worker and restart it 0.2-3 s later with the
 same name and flags (its SQLite lets it catch up); SIGKILL the broker and
 restart it 0-1 s later; restart Mongrel2. Then it waits up to --deadline s for
-every accepted (HTTP 200) run to be final on both workers in /job_status, and
-counts each (run, worker) pair:
+every accepted (HTTP 200) run to be final in /job_status (on both workers; a
+pool run on the one that took it), and counts each (run, worker) pair, a pool
+run as one pair whatever worker it ran on:
   ran once      succeeded, and the run id is once in ran-<worker>.txt
   interrupted   the worker died while it ran (ran 0 or 1 times, and says so)
   expired       a storm_exp call not started within 2 s, never ran
   lost          no final state by the deadline
-  ran twice     the run id is in ran-<worker>.txt more than once
+  ran twice     the run id is in ran-<worker>.txt more than once (a pool run: in
+                both files together)
   mismatched    a final state the file contradicts (failed; succeeded, never ran)
 Refused triggers (errors, timeouts, other statuses) were never promised. Exit
 status 1 if any pair was lost, ran twice or mismatched.
@@ -34,14 +37,15 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (puts the project root on sys.path)
-from jobz.harness import LocalStack, Triggers, final_states  # noqa: E402
+from jobz.harness import LocalStack, Triggers, http  # noqa: E402
 from jobz.protocol import FINAL_STATES  # noqa: E402
 
 JOB = ('  command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt; sleep %(pause)s"\n'
        "  params: {pause: '0\\.\\d\\d'}\n")
-JOBS_YAML = 'storm:\n' + JOB + 'storm_exp:\n' + JOB + '  expires: 2\n'
+JOBS_YAML = 'storm:\n' + JOB + 'storm_exp:\n' + JOB + '  expires: 2\n' + 'storm_pool:\n' + JOB + '  run_on: one\n'
 WORKERS = ('w1', 'w2')
-WORKER_FLAGS = ('--topics', 'storm,storm_exp')
+WORKER_FLAGS = ('--topics', 'storm,storm_exp,storm_pool')
+POOL = 'pool'    # the "worker" of a pool run's one pair
 GOOD = {('succeeded', 1): 'ran once', ('interrupted', 0): 'interrupted',
         ('interrupted', 1): 'interrupted', ('expired', 0): 'expired'}
 BAD = ('lost', 'ran twice', 'mismatched')
@@ -127,10 +131,40 @@ def build_stack(tmp: str) -> tuple[LocalStack, str]:
     return stack, stack.out
 
 
-def trigger_queries(n: int, expiring: float, rng: random.Random):
-    """n triggers: a share `expiring` of them for storm_exp, each with a random pause."""
+def trigger_queries(n: int, expiring: float, pool: float, rng: random.Random):
+    """n triggers: a share `expiring` of them for storm_exp, `pool` for storm_pool, each with a random pause."""
     for _ in range(n):
-        yield f"job_name={'storm_exp' if rng.random() < expiring else 'storm'}&pause=0.0{rng.randint(0, 3)}"
+        draw = rng.random()
+        job = 'storm_exp' if draw < expiring else 'storm_pool' if draw < expiring + pool else 'storm'
+        yield f'job_name={job}&pause=0.0{rng.randint(0, 3)}'
+
+
+def outcomes(url: str, run_ids, deadline: float) -> dict[tuple[str, str], str | None]:
+    """{(run_id, worker): final state or None} once every run is final (or at the deadline); a pool run
+    is one pair (run_id, POOL) with the state on the one worker that has it."""
+    out, waiting = {}, set(run_ids)
+    end = time.monotonic() + deadline
+    while waiting:
+        for run_id in sorted(waiting):
+            try:
+                status = http(f'{url}/job_status?run_id={run_id}', timeout=10.0)[1]
+            except OSError:
+                status = None
+            found = {w: s['state'] for w, s in status.get('workers', {}).items()} if isinstance(status, dict) else {}
+            if isinstance(status, dict) and status.get('job') == 'storm_pool':
+                state = next(iter(found.values()), None) if len(found) == 1 else None
+                out[run_id, POOL] = state
+                done = state in FINAL_STATES
+            else:
+                for w in WORKERS:
+                    out[run_id, w] = found.get(w)
+                done = all(out[run_id, w] in FINAL_STATES for w in WORKERS)
+            if done:
+                waiting.discard(run_id)
+        if not waiting or time.monotonic() > end:
+            return out
+        time.sleep(0.2)
+    return out
 
 
 def storm(stack: LocalStack, triggers: Triggers, faults: Faults, deadline: float) -> dict:
@@ -147,7 +181,7 @@ def storm(stack: LocalStack, triggers: Triggers, faults: Faults, deadline: float
         faults.join()
         stack.wait_healthy(30.0, workers=len(WORKERS))    # every process is up again
         print(f'storm over; waiting up to {deadline:g}s for final states', file=sys.stderr)
-        return final_states(stack.url, triggers.accepted, WORKERS, deadline)
+        return outcomes(stack.url, triggers.accepted, deadline)
     finally:
         triggers.stop.set()
         faults.stop.set()
@@ -171,14 +205,15 @@ def report(args, triggers: Triggers, faults: Faults, verdicts: dict, unpromised:
 
 def run(tmp: str, args) -> int:
     stack, out = build_stack(tmp)
-    triggers = Triggers(stack.url, trigger_queries(args.n, args.expiring, random.Random(args.seed)), args.rate,
-                        timeout=5.0)
+    triggers = Triggers(stack.url, trigger_queries(args.n, args.expiring, args.pool, random.Random(args.seed)),
+                        args.rate, timeout=5.0)
     faults = Faults(stack, random.Random(args.seed + 1), args.n / args.rate,
                     {'worker kills': args.worker_kills, 'broker kills': args.broker_kills,
                      'Mongrel2 restarts': args.mongrel2_restarts})
     began = time.monotonic()
     states = storm(stack, triggers, faults, args.deadline)
     ran = {w: collections.Counter(Path(out, f'ran-{w}.txt').read_text().split()) for w in WORKERS}
+    ran[POOL] = ran['w1'] + ran['w2']    # a pool run counts wherever it ran
     verdicts = {(r, w): classify(state, ran[w][r]) for (r, w), state in states.items()}
     unpromised = {r for w in WORKERS for r in ran[w]} - set(triggers.accepted)
     report(args, triggers, faults, verdicts, len(unpromised), time.monotonic() - began)
@@ -194,6 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument('--n', type=int, default=1000, help='triggers to send (default: 1000)')
     ap.add_argument('--rate', type=float, default=50.0, help='triggers per second (default: 50)')
     ap.add_argument('--expiring', type=float, default=0.2, help='share of triggers for storm_exp (default: 0.2)')
+    ap.add_argument('--pool', type=float, default=0.3, help='share of triggers for storm_pool (default: 0.3)')
     ap.add_argument('--worker-kills', type=int, default=5, help='worker SIGKILLs (default: 5)')
     ap.add_argument('--broker-kills', type=int, default=2, help='broker SIGKILLs (default: 2)')
     ap.add_argument('--mongrel2-restarts', type=int, default=1, help='Mongrel2 restarts (default: 1)')

@@ -63,7 +63,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 import common  # noqa: E402
-from jobz.harness import free_ports, wait_for  # noqa: E402
+from jobz.harness import TimedOut, free_ports, wait_for  # noqa: E402
 
 URL_ENV = 'JOBZ_PEERS_REDIS'       # how the workers (which import this file as `peers`) find Redis
 try:
@@ -114,6 +114,14 @@ def noop_job(key: str, i: int, submitted: float) -> int:
     return i
 
 
+def sleep_job(key: str, i: int, submitted: float, seconds: float = 0.2) -> int:
+    """shell_job with `sleep` for its command: work that waits, for pools that grow (bench/scale.py)."""
+    started = time.time()
+    subprocess.run(['sleep', str(seconds)], check=True)
+    db().rpush(key, f'{i} {submitted} {started} {time.time()}')
+    return i
+
+
 def chord_callback(results: list, key: str) -> None:
     started = time.time()
     ok = sorted(results) == list(range(len(results)))
@@ -130,6 +138,7 @@ app.conf.update(
 )
 celery_true = app.task(name='peers.true', ignore_result=True)(shell_job)
 celery_noop = app.task(name='peers.noop', ignore_result=True)(noop_job)
+celery_sleep = app.task(name='peers.sleep', ignore_result=True)(sleep_job)
 celery_member = app.task(name='peers.member')(shell_job)
 celery_callback = app.task(name='peers.callback', ignore_result=True)(chord_callback)
 
@@ -201,6 +210,15 @@ def celery_worker(tmp: str, k: int):
 
 
 @contextlib.contextmanager
+def celery_pool(tmp: str, name: str, concurrency: int):
+    """One Celery worker with `concurrency` prefork processes on the default queue."""
+    name = f'{name}@{HOST}'
+    with start(celery_cmd(name, '-c', str(concurrency), '-P', 'prefork', '-Q', 'celery'), f'{tmp}/{name}.log') as proc:
+        wait_for(lambda: celery_up([name]), 60.0, 'celery worker', procs=[proc])
+        yield
+
+
+@contextlib.contextmanager
 def celery_broadcast_workers(tmp: str, k: int, count: int):
     """count single-process Celery workers on the broadcast queue; yields their names."""
     names = [f'peers{k}-b{j}@{HOST}' for j in range(count)]
@@ -254,7 +272,7 @@ def rq_submit(function: str):
 
 def reports(key: str, n: int, timeout: float) -> list[list[str]]:
     """Wait for n reports under key (and a moment longer, for a duplicate to show); take them all."""
-    with contextlib.suppress(RuntimeError):          # too few: the caller's check says so
+    with contextlib.suppress(TimedOut):          # too few: the caller's check says so
         wait_for(lambda: db().llen(key) >= n, timeout, key, 0.02)
     time.sleep(0.05)
     rows = [v.decode().split() for v in db().lrange(key, 0, -1)]
@@ -336,7 +354,7 @@ def broadcast_round(tmp: str, k: int, args) -> float:
             try:
                 broadcast(f'celery{k}:bcastwarm{attempt}', names, timeout=10.0)
                 break
-            except RuntimeError:
+            except (RuntimeError, TimedOut):
                 if attempt == 2:
                     raise
         return statistics.median(broadcast(f'celery{k}:bcast{b}', names) for b in range(args.broadcasts))

@@ -6,7 +6,8 @@ no-op throughput, paced latency, fan-in, broadcast), the peers (bench/peers.py: 
 Redis, RQ with its forking Worker and with SimpleWorker, the raw spawn limit) and the front end
 (bench/front.py: wrk against a bare Mongrel2 handler and against the broker). Then, once: the
 cost of growth (bench/growth.py: memory and latency from 1,000 to 100,000 journaled runs,
-catch-up of 10,000 missed calls) and the latency floor (bench/floor.py).
+catch-up of 10,000 missed calls), the latency floor (bench/floor.py) and scale (bench/scale.py:
+work pools from 1 to 8 workers next to Celery, one broker with 50 to 300 workers).
 
 Prints markdown tables (medians over the rounds, min – max) side by side, each ratio to jobz
 and the issue's targets, met or not; --write also saves the report to bench/RESULTS.md.
@@ -30,6 +31,7 @@ import floor
 import front
 import growth
 import peers
+import scale
 import stacks
 
 SYSTEMS = ('jobz', 'Celery+Redis', 'RQ Worker (fork)', 'RQ SimpleWorker', 'raw')
@@ -145,7 +147,7 @@ def git_head() -> str:
     return got.stdout.strip() or 'an unknown commit'
 
 
-def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, elapsed) -> str:
+def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, scaled, elapsed) -> str:
     jobz, peer, fronts = (common.summarize(r) for r in (jobz_rounds, peer_rounds, front_rounds))
     return '\n'.join([
         '# jobz benchmark results', '',
@@ -170,7 +172,8 @@ def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, elapsed)
         'floor = bare round trip / 2 + commit + ZeroMQ hop + commit: a trigger crosses Mongrel2 into the '
         'broker, which commits before it publishes; the worker commits "started" before it spawns.', '',
         common.table([floors]), '',
-        '## Targets', '', *targets(jobz, peer, fronts, grown, args), ''])
+        '## Targets', '', *targets(jobz, peer, fronts, grown, args), '',
+        '## Scale: work pools and many workers (bench/scale.py, one run)', '', scale.report(scaled, args), ''])
 
 
 def main(argv=None) -> int:
@@ -181,6 +184,7 @@ def main(argv=None) -> int:
     front.add_arguments(ap)
     growth.add_arguments(ap)
     floor.add_arguments(ap)
+    scale.add_arguments(ap)
     args = ap.parse_args(argv)
     args.broadcast_workers, args.broadcasts = dispatch.BROADCAST, dispatch.BROADCAST_TRIES    # for peers
     os.environ['JOBZ_LOG_LEVEL'] = args.log_level    # read by every jobz process the stacks start
@@ -200,6 +204,9 @@ def main(argv=None) -> int:
                         ('front end', front_rounds, lambda: front.measure(tempfile.mkdtemp(dir=tmp), args))):
                     print(f'round {k + 1}/{args.repeat}: {name}…', file=sys.stderr, flush=True)
                     rounds.append(measure())
+            print('scale: pools, Celery, many workers…', file=sys.stderr, flush=True)
+            args.celery = True
+            scaled = scale.measure(tmp, args)
         print('growth and catch-up…', file=sys.stderr, flush=True)
         grown = growth.measure_growth(tmp, args) | growth.measure_catchup(tmp, args)
         print('latency floor…', file=sys.stderr, flush=True)
@@ -207,7 +214,7 @@ def main(argv=None) -> int:
         problems = common.log_problems(tmp, peers.PROBLEMS, stacks.M2_NOISE + peers.NOISE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    text = report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, time.monotonic() - began)
+    text = report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, scaled, time.monotonic() - began)
     if problems:    # a run with errors in its logs is worth a look before anyone quotes it
         text += (f'\n## Warnings in the logs\n\n{len(problems)} line(s), the first ones:\n\n'
                  + '\n'.join(f'    {line}' for line in problems[:10]) + '\n')

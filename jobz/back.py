@@ -189,7 +189,7 @@ class Back:
             if not p.is_int(cursor) or not 0 <= cursor <= head:
                 new_cursors[topic] = head    # a new subscription starts now
                 continue
-            if len(calls) >= SYNC_BATCH:     # one bounded answer; `more` asks for the rest
+            if cursor == head or len(calls) >= SYNC_BATCH:    # up to date; or one bounded answer (`more`)
                 new_cursors[topic] = cursor
                 continue
             oldest = self.journal.oldest_seq(topic)

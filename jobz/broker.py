@@ -6,6 +6,7 @@ never hears of a run, nor a worker of a call, that the journal could still lose.
 work: waits that ran out, keep-alives, enrolled keys and certificates, pruning.
 """
 import logging
+import math
 import time
 
 import zmq
@@ -30,6 +31,7 @@ MAX_MESSAGE = 8 << 20   # bytes of one message from a worker; larger: dropped by
                         # (a result carries up to 1 Mi characters of output, which JSON may escape)
 BATCH = 256             # messages taken from one socket per turn: one fsync carries a whole burst
 COMMIT_DELAY = 0.005    # seconds worker reports may wait for company before their commit
+SYNC_REST = 0.010       # seconds the worker socket rests after a burst of heartbeats (SYNC) alone
 
 
 class Broker:
@@ -71,6 +73,7 @@ class Broker:
         # its fsync with the reports that come next; then its ACKs wait with it.
         self.burst: Burst | None = None
         self.held_since: float | None = None
+        self.rest_until = 0.0           # until then the loop leaves the worker socket alone (SYNC_REST)
         self.stopping = False
 
     @property
@@ -79,8 +82,10 @@ class Broker:
         return self.fronts[0]
 
     def _secure(self, sock: zmq.Socket, domain: str) -> None:
-        # ZMTP heartbeats: a worker host that vanished is dropped instead of queued for forever.
-        sock.heartbeat_ivl, sock.heartbeat_timeout = 2000, 6000
+        # ZMTP heartbeats: a worker host that vanished is dropped (within 40 s) instead of queued
+        # for forever. Seldom: the workers ping every second, and 300 workers' pings cost the
+        # broker more than its own loop (bench/scale.py).
+        sock.heartbeat_ivl, sock.heartbeat_timeout = 10_000, 30_000
         if self.curve_secret:
             make_server(sock, self.curve_secret, domain)
 
@@ -113,14 +118,21 @@ class Broker:
 
     # -- the loop ---------------------------------------------------------
     def run(self) -> None:
-        poller = zmq.Poller()
+        everything, fronts = zmq.Poller(), zmq.Poller()
         for front in self.fronts:
-            poller.register(front.reqs, zmq.POLLIN)
-        poller.register(self.router, zmq.POLLIN)
+            everything.register(front.reqs, zmq.POLLIN)
+            fronts.register(front.reqs, zmq.POLLIN)
+        everything.register(self.router, zmq.POLLIN)
         while not self.stopping:
-            timeout = 100.0 if self.held_since is None else \
-                max(0.0, (self.held_since + COMMIT_DELAY - time.monotonic()) * 1000)
-            events = dict(poller.poll(timeout))
+            now = time.monotonic()
+            timeout = 100.0 if self.held_since is None else max(0.0, (self.held_since + COMMIT_DELAY - now) * 1000)
+            # Hundreds of idle workers each sync once a second, one wake-up apiece: after a burst of
+            # heartbeats alone, let the next ones gather a moment (HTTP requests are still taken at once).
+            resting = self.rest_until > now
+            if resting:
+                timeout = min(timeout, (self.rest_until - now) * 1000)
+            # Whole milliseconds, rounded up: pyzmq cuts 0.9 to 0, and the loop would spin until the time came.
+            events = dict((fronts if resting else everything).poll(math.ceil(timeout)))
             self.step(http=[f for f in self.fronts if f.reqs in events], router=self.router in events)
             self.tick(time.monotonic())
 
@@ -133,10 +145,11 @@ class Broker:
         self.journal.begin()
         before = self.journal.changes()
         try:
-            if router:
-                self._drain(self.router, lambda m: self.back.on_router(*m, burst), router=True)
+            heard = self._drain(self.router, lambda m: self.back.on_router(*m, burst), router=True) if router else []
             for front in (self.fronts if http is True else http or []):
-                self._drain(front.reqs, lambda m, f=front: self.front.on_http(m, f, burst))
+                heard += self._drain(front.reqs, lambda m, f=front: self.front.on_http(m, f, burst))
+            calm = heard and all(verb == p.SYNC for verb in heard)
+            self.rest_until = time.monotonic() + SYNC_REST if calm else 0.0
             self.front.unpark(burst)
             self.pool.assign(burst)    # pool calls to workers with room (results may have freed some)
             now = time.monotonic()
@@ -181,23 +194,27 @@ class Broker:
             self.router.send_multipart(frames)
         burst.replies.clear()
 
-    def _drain(self, sock, handle, router=False) -> None:
+    def _drain(self, sock, handle, router=False) -> list[bytes | None]:
+        """Handle what waits on sock (up to BATCH messages); return their verbs (None: an HTTP request)."""
+        heard = []
+        # Asking EVENTS first costs less than the exception a receive on an empty socket raises.
         for _ in range(BATCH):
-            try:
-                if router:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    # With CURVE, ZAP's User-Id (the enrolled key's name) is who sent it.
-                    user = frames[-1].get('User-Id') if self.enrolled else None
-                    msg = ([f.bytes for f in frames], user)
-                else:
-                    msg = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                break
+            if not router:
+                msg = sock.recv()
+            elif self.enrolled:    # with CURVE, ZAP's User-Id (the enrolled key's name) is who sent it
+                frames = sock.recv_multipart(copy=False)
+                msg = ([f.bytes for f in frames], frames[-1].get('User-Id'))
+            else:
+                msg = (sock.recv_multipart(), None)
+            heard.append(msg[0][1] if router and len(msg[0]) > 1 else None)
             try:
                 handle(msg)    # in a savepoint of its own (front.py, back.py): a failure undoes only it
             except Exception:
                 # One bad message is dropped on its own; the rest of the burst goes on.
                 log.exception('dropping a message that could not be handled')
+        return heard
 
     # -- clock work -------------------------------------------------------
     def tick(self, now: float) -> None:

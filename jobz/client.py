@@ -104,15 +104,19 @@ def cmd_start(api: Api, args) -> int:
     run_id = run['run_id']
     if run['sanitized']:
         print(f"jobz: warning: characters removed from {', '.join(run['sanitized'])}", file=sys.stderr)
-    if not run['workers'] and not run['existing']:
-        print(f"jobz: warning: no live worker takes topic {run['topic']!r}; the run waits for one",
-              file=sys.stderr)
+    if run.get('queued'):    # a pool job (run_on: one) with no worker of its topic free right now
+        where = f"queued for a free worker of topic {run['topic']!r}"
+    else:
+        where = f"on {', '.join(run['workers']) or 'no worker yet'}"
+        if not run['workers'] and not run['existing']:
+            print(f"jobz: warning: no live worker takes topic {run['topic']!r}; the run waits for one",
+                  file=sys.stderr)
     if not args.wait:
         if args.json:
             show(run)
         else:
             again = ' (already started with this key)' if run['existing'] else ''
-            print(f"run {run_id}: job {run['job']} on {', '.join(run['workers']) or 'no worker yet'}{again}")
+            print(f"run {run_id}: job {run['job']} {where}{again}")
         return 0
     status = wait(api, run_id, args.timeout)
     if args.json:

@@ -258,6 +258,19 @@ class Journal:
         return {t: (n, since) for t, n, since in self.db.execute(
             'SELECT topic, count(*), min(since) FROM pool WHERE worker IS NULL GROUP BY topic')}
 
+    def pool_oldest(self, topics) -> dict[str, float]:
+        """topic -> when its oldest call waiting for a worker joined the queue (topics with none left out)."""
+        out = {}
+        for topic in topics:
+            (since,) = self.db.execute('SELECT min(since) FROM pool WHERE worker IS NULL AND topic = ?',
+                                       (topic,)).fetchone()
+            if since is not None:
+                out[topic] = since
+        return out
+
+    def pool_queued(self) -> bool:
+        return self.db.execute('SELECT EXISTS (SELECT 1 FROM pool WHERE worker IS NULL)').fetchone()[0] == 1
+
     def pool_held(self) -> dict[str, int]:
         """worker -> pool calls given to it or taken by it that it has not reported on."""
         return dict(self.db.execute('SELECT worker, count(*) FROM pool WHERE worker IS NOT NULL GROUP BY worker'))

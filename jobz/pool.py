@@ -30,6 +30,7 @@ Why the guarantees hold at every crash point:
 - Survives a broker SIGKILL: every step is in the journal before anything is sent.
 """
 import logging
+import time
 
 from . import protocol as p
 from .burst import Burst
@@ -48,21 +49,23 @@ class Pool:
         self.given: dict[str, int] = {}     # worker -> how many calls it was given in all (spreads ties)
         self.busy = True                # the table may hold calls: look at it (until a look finds none)
 
-    def room(self, topic: str, held: dict[str, int]) -> dict[str, int]:
-        """Free slots of each live worker of `topic` that takes pool calls."""
-        now, out = None, {}
+    def room(self, held: dict[str, int]) -> dict[str, int]:
+        """Free slots of each live worker that takes pool calls: its slots, less its other calls and the pool calls it holds."""
+        now, out = time.monotonic(), {}
         for name, peer in self.registry.peers.items():
-            if topic in peer.topics and peer.slots > 0 and peer.ident and self.registry.alive(peer, now):
+            if peer.slots > 0 and peer.ident and self.registry.alive(peer, now):
                 out[name] = peer.slots - peer.busy - held.get(name, 0)
         return out
+
+    def of_topic(self, topic: str, room: dict[str, int]) -> dict[str, int]:
+        return {w: n for w, n in room.items() if topic in self.registry.peers[w].topics}
 
     def add(self, run_id: str, topic: str, burst: Burst) -> str | None:
         """A new pool call (already journaled, queued): give it out now if it is first in line."""
         self.busy = True
         if self.journal.pool_queue(topic, 1) != [run_id]:
             return None    # older calls of the topic wait: they go first
-        room = self.room(topic, self.journal.pool_held())
-        worker = self.best(room)
+        worker = self.best(self.of_topic(topic, self.room(self.journal.pool_held())))
         if worker:
             self.give(run_id, worker, burst)
         return worker
@@ -84,18 +87,20 @@ class Pool:
         for worker in [w for w in held if not self.alive(w)]:
             self.requeue(worker)
             held.pop(worker)
-        waiting = self.journal.pool_waiting()
-        if not waiting and not held:
+        if not held and not self.journal.pool_queued():
             self.busy = False    # nothing in the pool: no more looking until a call comes
             return
-        for topic, _ in sorted(waiting.items(), key=lambda item: item[1][1]):    # oldest queue first
-            room = self.room(topic, held)
-            free = sum(n for n in room.values() if n > 0)
+        room = {w: n for w, n in self.room(held).items() if n > 0}
+        # Only the topics of workers with room are looked at; the oldest queue goes first.
+        oldest = self.journal.pool_oldest({t for w in room for t in self.registry.peers[w].topics})
+        for topic in sorted(oldest, key=oldest.get):
+            mine = self.of_topic(topic, room)
+            free = sum(n for n in mine.values() if n > 0)
             for run_id in self.journal.pool_queue(topic, free) if free else ():
-                worker = self.best(room)
+                worker = self.best(mine)
                 self.give(run_id, worker, burst)
+                mine[worker] -= 1
                 room[worker] -= 1
-                held[worker] = held.get(worker, 0) + 1
 
     def alive(self, worker: str) -> bool:
         peer = self.registry.peers.get(worker)

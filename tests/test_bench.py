@@ -18,3 +18,14 @@ def test_dispatch_benchmark_runs_and_reports_every_measure():
                     'CPU per job, `true` (ms)', 'CPU per fan-in part, job + arrival (ms)'):
         assert float(rows[measure].replace(',', '')) > 0, got.stdout
     assert 'warning/error line' not in got.stdout, got.stdout
+
+
+def test_scale_benchmark_runs_and_reports_every_table():
+    got = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'scale.py'), '--no-celery', '--pool-sizes', '1,2',
+                          '--sizes', '3', '--n', '100'], capture_output=True, text=True, timeout=170)
+    assert got.returncode == 0, got.stderr[-3000:]
+    rows = {r[0]: r[1:] for r in re.findall(r'^\| ([^|]+?) \| ([\d,.]+)(?: %)? \| ([\d,.]+)(?: %| ms)? \|', got.stdout, re.M)}
+    for row in ('1 × 4', '2 × 4', '2 × 4 (Celery -c 8)', '2 × 16 (Celery -c 32)', '3'):
+        assert float(rows[row][0].replace(',', '')) > 0 and float(rows[row][1].replace(',', '')) > 0, got.stdout
+    assert 'pool efficiency ≥ 90 % up to 2 workers' in got.stdout and '3 workers: idle broker' in got.stdout
+    assert 'warning/error line' not in got.stdout, got.stdout

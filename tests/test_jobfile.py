@@ -416,3 +416,14 @@ def test_declared_param_with_permissive_rule_is_unchanged_or_refused(value):
         assert value == '' or not set(value) <= SAFE or len(value) > MAX_VALUE
         return
     assert params['v'] == value and set(value) <= SAFE and changed == []
+
+
+@pytest.mark.parametrize('value', ['two', 'ONE', 1, True, None])
+def test_run_on_other_than_one_or_all_is_refused_naming_file_job_and_key(tmp_path, value):
+    path, message = load_error(tmp_path, f'crunch:\n  command: "true"\n  run_on: {value!r}\n'.replace("'", ''))
+    assert path in message and "job 'crunch'" in message and "'run_on'" in message, message
+
+
+def test_run_on_one_is_for_command_jobs(tmp_path):
+    _, message = load_error(tmp_path, 'gate:\n  semaphore: {count: 2}\n  run_on: one\n')
+    assert "'run_on' is for jobs with a command" in message

@@ -2,9 +2,11 @@
 import collections
 import os
 import signal
+import subprocess
+import sys
 import threading
 
-from conftest import http, wait_for
+from conftest import ROOT, http, wait_for
 
 JOBS = r"""
 nap:
@@ -34,6 +36,11 @@ FAST = ['--worker-timeout', '3']    # the broker gives up on a silent worker aft
 def ran(stack, workers) -> collections.Counter:
     """How many times each run id was started, over all the given workers."""
     return collections.Counter(r for w in workers for r in stack.lines(f'ran-{w}.txt'))
+
+
+def jobz(stack, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'jobz.client', '--url', stack.url, *args], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
 
 
 def ended(stack, run_ids, timeout: float = 30.0) -> dict:
@@ -89,13 +96,23 @@ def test_calls_wait_for_a_worker_and_run_once_one_joins(make_stack):
     _, text = stack.get('/metrics')
     assert 'jobz_pool_queued{topic="nap"} 1' in text.decode()
     assert 'jobz_pool_oldest_queued_seconds{topic="nap"} ' in text.decode()
+    told = jobz(stack, 'start', 'nap', 'secs=0')
+    assert "queued for a free worker of topic 'nap'" in told.stdout and told.stderr == ''
     waited = []
     waiter = threading.Thread(target=lambda: waited.append(
         http(f"{stack.url}/job_start?job_name=nap&secs=0&wait=30", timeout=40)))
     waiter.start()
-    stack.start_worker('w1', '--concurrency', '2')
-    waiter.join(40)
-    assert waited[0][0] == 200 and list(waited[0][1]['workers']) == ['w1']
+    cli = subprocess.Popen([sys.executable, '-m', 'jobz.client', '--url', stack.url, 'start', 'nap', 'secs=0',
+                            '--wait', '--timeout', '30'], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        stack.start_worker('w1', '--concurrency', '2')
+        waiter.join(40)
+        assert waited[0][0] == 200 and list(waited[0][1]['workers']) == ['w1']
+        assert cli.wait(40) == 0 and 'succeeded on w1' in cli.stdout.read()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
     status = stack.wait_run(answer['run_id'])
     assert status['state'] == 'succeeded' and list(status['workers']) == ['w1'] and not status['queued']
     workers = stack.get('/workers')[1]
