@@ -201,13 +201,16 @@ class Broker:
         for _ in range(BATCH):
             if not sock.get(zmq.EVENTS) & zmq.POLLIN:
                 break
-            if not router:
-                msg = sock.recv()
-            elif self.enrolled:    # with CURVE, ZAP's User-Id (the enrolled key's name) is who sent it
-                frames = sock.recv_multipart(copy=False)
-                msg = ([f.bytes for f in frames], frames[-1].get('User-Id'))
-            else:
-                msg = (sock.recv_multipart(), None)
+            try:
+                if not router:
+                    msg = sock.recv(zmq.NOBLOCK)
+                elif self.enrolled:    # with CURVE, ZAP's User-Id (the enrolled key's name) is who sent it
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    msg = ([f.bytes for f in frames], frames[-1].get('User-Id'))
+                else:
+                    msg = (sock.recv_multipart(zmq.NOBLOCK), None)
+            except zmq.Again:    # never expected after EVENTS said so, but never block the loop on it
+                break
             heard.append(msg[0][1] if router and len(msg[0]) > 1 else None)
             try:
                 handle(msg)    # in a savepoint of its own (front.py, back.py): a failure undoes only it

@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS pool (           -- calls of run_on: one jobs until t
     worker  TEXT,                           -- the worker it is given to; NULL: queued, waiting for room
     taken   INTEGER NOT NULL DEFAULT 0,     -- 1 once that worker has it (TAKE journaled): it may have started
     since   REAL NOT NULL,                  -- when it joined the queue (first in, first out per topic)
-    attempt INTEGER NOT NULL DEFAULT 1      -- the how-manieth time it is given out (retry: after an interrupted one)
+    attempt INTEGER NOT NULL DEFAULT 1,     -- the how-manieth time it is given out (retry: after an interrupted one)
+    due     REAL                            -- a retry waits for its backoff until then (wall clock); NULL: now
 );
 CREATE INDEX IF NOT EXISTS pool_queue ON pool (topic, since) WHERE worker IS NULL;
 CREATE INDEX IF NOT EXISTS pool_worker ON pool (worker) WHERE worker IS NOT NULL;
@@ -137,6 +138,8 @@ class Journal:
         self.db.execute('PRAGMA journal_mode=WAL')
         self.db.execute('PRAGMA synchronous=FULL')
         self.db.executescript(SCHEMA.format(open_states=repr(OPEN_STATES)))
+        if 'due' not in [r['name'] for r in self.db.execute('PRAGMA table_info(pool)')]:
+            self.db.execute('ALTER TABLE pool ADD COLUMN due REAL')    # a journal from before retries waited
         self.heads, self.pool_heads = self._heads()
 
     def begin(self) -> None:
@@ -251,7 +254,8 @@ class Journal:
     def pool_queue(self, topic: str, limit: int) -> list[str]:
         """The run ids of the oldest calls of `topic` waiting for a worker, first in, first out."""
         return [r[0] for r in self.db.execute(
-            'SELECT run_id FROM pool WHERE worker IS NULL AND topic = ? ORDER BY since, run_id LIMIT ?', (topic, limit))]
+            'SELECT run_id FROM pool WHERE worker IS NULL AND topic = ? AND (due IS NULL OR due <= ?) '
+            'ORDER BY since, run_id LIMIT ?', (topic, time.time(), limit))]
 
     def pool_waiting(self) -> dict[str, tuple[int, float]]:
         """topic -> (calls waiting for a worker, when the oldest of them joined the queue)."""
@@ -294,10 +298,11 @@ class Journal:
     def pool_untaken(self, worker: str) -> list[str]:
         return [r[0] for r in self.db.execute('SELECT run_id FROM pool WHERE worker = ? AND NOT taken', (worker,))]
 
-    def pool_again(self, run_id: str, worker: str) -> None:
-        """Queue a call again after `worker` reported it interrupted (its job asks for a retry)."""
-        self.db.execute('UPDATE pool SET worker = NULL, taken = 0, attempt = attempt + 1, since = ? '
-                        'WHERE run_id = ?', (time.time(), run_id))
+    def pool_again(self, run_id: str, worker: str, delay: float) -> None:
+        """Queue a call again, to be given out after `delay` seconds, after `worker` reported it interrupted."""
+        now = time.time()
+        self.db.execute('UPDATE pool SET worker = NULL, taken = 0, attempt = attempt + 1, since = ?, due = ? '
+                        'WHERE run_id = ?', (now, now + delay, run_id))
         self.db.execute('DELETE FROM results WHERE run_id = ? AND worker = ?', (run_id, worker))
 
     def pool_done(self, run_id: str) -> None:

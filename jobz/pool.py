@@ -11,7 +11,8 @@ The steps, each in the broker's burst transaction (nothing is sent before its co
    taken, then GO. Otherwise REFUSE, and the worker drops it. Only after GO does the worker
    mark it started and run it, as any call.
 5. Its RESULT ends it (the pool row goes). An `interrupted` result (the worker stopped while it
-   ran it) queues it again when its job's `retry:` allows another attempt.
+   ran it) queues it again when its job's `retry:` allows another attempt, to be given out to
+   any worker of the topic once the backoff has passed.
 A call given but not taken goes back to the queue when its worker is no longer alive, or
 reconnects (it may never have seen the ASSIGN).
 
@@ -132,11 +133,12 @@ class Pool:
             return
         job = self.jobs.get(self.journal.run_row(run_id)['job'])
         if state == p.INTERRUPTED and job and job.retry and row['attempt'] <= job.retry['count']:
-            self.journal.pool_again(run_id, worker)
-            self.journal.add_note(run_id, worker, f"attempt {row['attempt']} on {worker} was interrupted; "
-                                                  f"queued again (retry {row['attempt']} of {job.retry['count']})")
+            delay = job.retry['backoff'] * 2 ** (row['attempt'] - 1)    # as a worker retries its own calls
+            self.journal.pool_again(run_id, worker, delay)
+            self.journal.add_note(run_id, worker, f"attempt {row['attempt']} on {worker} was interrupted; queued "
+                                                  f"again in {delay:g}s (retry {row['attempt']} of {job.retry['count']})")
             self.busy = True
-            log.warning('run %s: interrupted on %s; queued again for any worker of %s', run_id, worker,
-                        row['topic'], extra=about(run_id, job.name))
+            log.warning('run %s: interrupted on %s; queued again for any worker of %s in %gs', run_id, worker,
+                        row['topic'], delay, extra=about(run_id, job.name))
         else:
             self.journal.pool_done(run_id)

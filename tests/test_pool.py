@@ -19,7 +19,7 @@ hold:
 again:
   command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt; echo $$ > {out}/pid-%(run_id)s; while [ ! -e {out}/go ]; do sleep 0.05; done"
   run_on: one
-  retry: {count: 1, backoff: 0}
+  retry: {count: 1, backoff: 1}
 part:
   command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt"
   run_on: one
@@ -170,6 +170,7 @@ def test_a_worker_killed_mid_command_reports_it_interrupted_and_retry_runs_it_el
     status = stack.wait_run(retried)
     assert status['state'] == 'succeeded' and list(status['workers']) == ['w2']
     assert 'attempt 1 on w1 was interrupted' in status['notes'][0]['note']
+    assert status['workers']['w2']['started'] >= status['notes'][0]['at'] + 1.0    # after the backoff
     assert ran(stack, ['w1', 'w2'])[retried] == 2 and ran(stack, ['w1', 'w2'])[plain] == 1
 
 
