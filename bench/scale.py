@@ -210,7 +210,9 @@ def report(out: dict, args) -> str:
 def targets(out: dict, args) -> list[str]:
     big, slots = max(args.sizes), TRUE_SLOTS[0]
     checks = [(f'pool efficiency ≥ 90 % up to {max(args.pool_sizes)} workers',
-               min(out[f'growth {s} jobz efficiency (%)'] for s in args.pool_sizes), '%', lambda v: v >= 90)]
+               # the smallest pool is the base (100 % by definition): the others are judged against it
+               min(out[f'growth {s} jobz efficiency (%)'] for s in args.pool_sizes[1:] or args.pool_sizes),
+               '%', lambda v: v >= 90)]
     if f'true {slots} Celery' in out:
         checks.append((f'pool on `true` ≥ 2 × Celery (2 × {slots})',
                        out[f'true {slots} pool'] / out[f'true {slots} Celery'], '×', lambda v: v >= 2))
