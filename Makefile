@@ -12,6 +12,8 @@ run: deps
 test: deps
 	@command -v chromium >/dev/null || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }   # the status page's browser test
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }   # throwaway clusters for the journal tests
 	$(PY) -m pytest -q tests
 
 # jobz side by side with Celery+Redis, RQ and the raw spawn limit, the front end under wrk,

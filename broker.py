@@ -11,6 +11,7 @@ from jobz import defaults
 from jobz.broker import Broker
 from jobz.cli import Parser, check_curve, home_or_exit, is_loopback, load_or_exit, setup_logging
 from jobz.curve import Enrolled
+from jobz.db import redact
 from jobz.journal import Journal
 from jobz.tls import ClientCerts
 
@@ -21,6 +22,9 @@ def parse_args(argv=None):
     ap = Parser(description=__doc__)
     ap.jobs_option()
     ap.option('--home', env='JOBZ_HOME', default=defaults.HOME, help='state folder (journal.db)')
+    ap.option('--journal', env='JOBZ_JOURNAL', default=None, shown='HOME/journal.db',
+              help='where the journal lives: a SQLite file, or postgresql://USER@HOST:PORT/DB (the password '
+                   'from ~/.pgpass, PGPASSFILE or this variable, never the command line: ps shows it)')
     ap.option('--pub', env='JOBZ_PUB', default=defaults.PUB, help='bind address for live calls to workers')
     ap.option('--router', env='JOBZ_ROUTER', default=defaults.ROUTER,
               help='bind address for worker sync, results and heartbeats')
@@ -71,13 +75,21 @@ def parse_args(argv=None):
     return args
 
 
+def open_journal_or_exit(where: str) -> Journal:
+    try:
+        return Journal(where)
+    except Exception as e:    # sqlite3 or psycopg: the engine's own words say what is wrong
+        sys.exit(f'error: --journal {redact(where)}: {redact(str(e))}')
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args, 'broker')
     jobs = load_or_exit(args.jobs, log)     # validate everything before binding a socket
     home_or_exit(args.home)
+    journal = open_journal_or_exit(args.journal or os.path.join(args.home, 'journal.db'))
     ctx = zmq.Context()
-    broker = Broker(jobs, Journal(os.path.join(args.home, 'journal.db')), ctx,
+    broker = Broker(jobs, journal, ctx,
                     m2_recv=args.m2_recv, m2_send=args.m2_send, m2_ident=args.m2_ident,
                     pub=args.pub, router=args.router, worker_timeout=args.worker_timeout,
                     max_body=args.max_body, keep_days=args.keep_days, pub_hwm=args.pub_hwm,

@@ -14,7 +14,10 @@ setup(
                              'ansible-core>=2.19,<2.20', 'ansible-lint',
                              # the status page in a real browser (Debian's chromium, never a download);
                              # /metrics checked with the reference parser
-                             'playwright', 'prometheus_client'],
+                             'playwright', 'prometheus_client',
+                             'psycopg>=3.1'],    # the PostgreSQL journal's tests
+                    # broker.py --journal postgresql://… (on Debian hosts: python3-psycopg)
+                    'postgresql': ['psycopg>=3.1'],
                     # bench/peers.py: the runners people would pick instead
                     'bench': ['celery', 'redis', 'rq']},
     entry_points={'console_scripts': [

@@ -133,8 +133,12 @@ class Broker:
                 timeout = min(timeout, (self.rest_until - now) * 1000)
             # Whole milliseconds, rounded up: pyzmq cuts 0.9 to 0, and the loop would spin until the time came.
             events = dict((fronts if resting else everything).poll(math.ceil(timeout)))
-            self.step(http=[f for f in self.fronts if f.reqs in events], router=self.router in events)
-            self.tick(time.monotonic())
+            http = [f for f in self.fronts if f.reqs in events]
+            if self.journal.reachable():
+                self.step(http=http, router=self.router in events)
+                self.tick(time.monotonic())
+            else:
+                self.refuse(http, router=self.router in events)
 
     def step(self, http=True, router: bool = True) -> None:
         """Take one burst: journal it in one transaction, commit, then act on it (finish).
@@ -162,11 +166,12 @@ class Broker:
                 return
             self.journal.commit()
         except Exception:
-            log.exception('journal commit failed; answering 500 to the whole burst')
+            log.exception('journal commit failed; answering 500 (503: journal unreachable) to the whole burst')
             self.journal.rollback()
             self.burst = self.held_since = None
+            status = 500 if self.journal.reachable(retry=False) else 503
             for req in [req for req, _, _ in burst.answers] + [req for _, req, _, _ in burst.waits]:
-                req.front.answer(req, 500, {'error': 'journal write failed'})
+                req.front.answer(req, status, {'error': 'journal write failed; nothing was started'})
             return    # nothing else of the burst happened: no call, no ACK, no count
         self.burst = self.held_since = None
         self.finish(burst)
@@ -193,6 +198,14 @@ class Broker:
         for frames in burst.replies:
             self.router.send_multipart(frames)
         burst.replies.clear()
+
+    def refuse(self, http, router: bool) -> None:
+        """The journal is unreachable (PostgreSQL away): every request gets 503 at once, and worker
+        messages are dropped (workers send their results again until acknowledged, and sync every second)."""
+        for front in http:
+            self._drain(front.reqs, lambda m, f=front: self.front.refuse(m, f))
+        if router:
+            self._drain(self.router, lambda m: None, router=True)
 
     def _drain(self, sock, handle, router=False) -> list[bytes | None]:
         """Handle what waits on sock (up to BATCH messages); return their verbs (None: an HTTP request)."""

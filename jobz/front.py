@@ -96,6 +96,15 @@ class Front:
             return    # answering a disconnect makes Mongrel2 loop forever
         self.handle(req, burst)
 
+    def refuse(self, raw: bytes, conn: Connection) -> None:
+        """Answer 503 at once: the journal cannot be reached, so nothing can be started or read."""
+        try:
+            req = Request.parse(raw, conn)
+        except BadMessage:
+            return
+        if not req.is_disconnect():
+            conn.answer(req, 503, {'error': 'the journal is unreachable: nothing was started; try again'})
+
     def handle(self, req: Request, burst: Burst, park_until: float | None = None) -> None:
         """Answer a request (into the burst). One that fails leaves nothing behind: its journal writes
         are undone, and what it added to the burst is forgotten."""

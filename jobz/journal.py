@@ -12,14 +12,12 @@ What the broker does with it (and what a second journal, say on PostgreSQL, must
 - reading: status(), find() (light records of the runs of some jobs, by a parameter's value or
   a parent) with its forms summary(), recent(), open_runs(); count_runs(), size();
 - the worker registry: load_workers(), save_worker(), forget_worker(); prune().
-Nothing outside this module touches the database connection.
+Nothing outside this module touches the database connection; db.py opens it (SQLite or PostgreSQL).
 """
 import json
-import os
-import sqlite3
 import time
 
-from .files import private_file
+from .db import open_db
 from .protocol import FINAL_STATES, OPEN_STATES, PENDING, RUNNING, is_int, number, run_state, text
 
 SCHEMA = """
@@ -31,9 +29,9 @@ CREATE TABLE IF NOT EXISTS runs (
     params    TEXT NOT NULL,
     sanitized TEXT NOT NULL,
     key       TEXT UNIQUE,
-    created   REAL NOT NULL,
+    created   DOUBLE PRECISION NOT NULL,
     parent    TEXT,                 -- the run whose handler (or semaphore release) triggered this one
-    expires   REAL,                 -- wall-clock time after which workers report `expired`
+    expires   DOUBLE PRECISION,     -- wall-clock time after which workers report `expired`
     by        TEXT,                 -- who triggered it: client certificate name, or plain:ADDRESS
     UNIQUE (topic, seq)
 );
@@ -47,8 +45,8 @@ CREATE TABLE IF NOT EXISTS results (
     rc          INTEGER,
     signal      TEXT,
     reason      TEXT,
-    started     REAL,
-    finished    REAL,
+    started     DOUBLE PRECISION,
+    finished    DOUBLE PRECISION,
     output_tail TEXT,
     PRIMARY KEY (run_id, worker)
 );
@@ -64,7 +62,7 @@ CREATE TABLE IF NOT EXISTS outputs (        -- a run's output per worker, bounde
 CREATE TABLE IF NOT EXISTS notes (
     run_id TEXT NOT NULL REFERENCES runs (run_id),
     worker TEXT,
-    at     REAL NOT NULL,
+    at     DOUBLE PRECISION NOT NULL,
     note   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS notes_run ON notes (run_id);
@@ -73,9 +71,9 @@ CREATE TABLE IF NOT EXISTS pool (           -- calls of run_on: one jobs until t
     topic   TEXT NOT NULL,
     worker  TEXT,                           -- the worker it is given to; NULL: queued, waiting for room
     taken   INTEGER NOT NULL DEFAULT 0,     -- 1 once that worker has it (TAKE journaled): it may have started
-    since   REAL NOT NULL,                  -- when it joined the queue (first in, first out per topic)
+    since   DOUBLE PRECISION NOT NULL,      -- when it joined the queue (first in, first out per topic)
     attempt INTEGER NOT NULL DEFAULT 1,     -- the how-manieth time it is given out (retry: after an interrupted one)
-    due     REAL                            -- a retry waits for its backoff until then (wall clock); NULL: now
+    due     DOUBLE PRECISION                -- a retry waits for its backoff until then (wall clock); NULL: now
 );
 CREATE INDEX IF NOT EXISTS pool_queue ON pool (topic, since) WHERE worker IS NULL;
 CREATE INDEX IF NOT EXISTS pool_worker ON pool (worker) WHERE worker IS NOT NULL;
@@ -83,9 +81,11 @@ CREATE TABLE IF NOT EXISTS workers (        -- the registry, so a restarted brok
     name      TEXT PRIMARY KEY,
     topics    TEXT NOT NULL,
     cursors   TEXT NOT NULL,
-    last_seen REAL NOT NULL
+    last_seen DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
+SCHEMA_VERSION = 2    # 1: before pool retries waited (no pool.due); 2: written down from here on
 MAX_OUTPUT = 1 << 20    # characters of output kept per run and worker
 IS_OPEN = f'IN {OPEN_STATES!r}'    # SQL: a worker's state is still open (the names are plain words)
 SET_RESULT = ("INSERT INTO results (run_id, worker, state, rc, signal, reason, started, finished, output_tail) "
@@ -99,7 +99,7 @@ SET_RESULT = ("INSERT INTO results (run_id, worker, state, rc, signal, reason, s
 class Savepoint:
     """A savepoint as a context manager (a class, not a generator: it runs once per message)."""
 
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db):
         self.db = db
 
     def __enter__(self):
@@ -111,14 +111,14 @@ class Savepoint:
         self.db.execute('RELEASE msg')
 
 
-def worker_record(r: sqlite3.Row) -> dict:
+def worker_record(r) -> dict:
     """One worker's part of a run's status."""
     duration = (r['finished'] - r['started']) if r['finished'] and r['started'] else None
     return {'state': r['state'], 'rc': r['rc'], 'signal': r['signal'], 'reason': r['reason'],
             'started': r['started'], 'finished': r['finished'], 'duration': duration, 'output_tail': r['output_tail']}
 
 
-def summary_record(r: sqlite3.Row) -> dict:
+def summary_record(r) -> dict:
     """A light run record from a row of the summary query (each worker's state as `w=state` pairs)."""
     workers = dict(pair.split('=', 1) for pair in (r['states'] or '').split(',') if pair)
     ended = workers and not any(s in OPEN_STATES for s in workers.values())
@@ -131,31 +131,49 @@ def summary_record(r: sqlite3.Row) -> dict:
 
 
 class Journal:
-    def __init__(self, path: str):
-        # isolation_level=None: we open and commit transactions ourselves, in batches.
-        self.db = sqlite3.connect(private_file(path), isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute('PRAGMA journal_mode=WAL')
-        self.db.execute('PRAGMA synchronous=FULL')
-        self.db.executescript(SCHEMA.format(open_states=repr(OPEN_STATES)))
-        if 'due' not in [r['name'] for r in self.db.execute('PRAGMA table_info(pool)')]:
-            self.db.execute('ALTER TABLE pool ADD COLUMN due REAL')    # a journal from before retries waited
+    def __init__(self, where: str):
+        """`where`: a SQLite file, or a postgresql:// URL."""
+        self.db = open_db(where)
+        self.db.script(SCHEMA.format(open_states=repr(OPEN_STATES)))
+        self.upgrade()
         self.heads, self.pool_heads = self._heads()
+        self.stale = False
+
+    def upgrade(self) -> None:
+        """Bring a journal written by an older jobz to this schema, in one transaction."""
+        self.db.begin()
+        (version,) = self.db.execute('SELECT version FROM schema_version').fetchone() or (None,)
+        if version is None:    # a new journal, or one from before the version was written down (1)
+            if 'due' not in self.db.columns('pool'):
+                self.db.execute('ALTER TABLE pool ADD COLUMN due DOUBLE PRECISION')
+            self.db.execute('INSERT INTO schema_version VALUES (?)', (SCHEMA_VERSION,))
+        elif version > SCHEMA_VERSION:
+            self.db.rollback()
+            raise RuntimeError(f'the journal {self.db.describe()} was written by a newer jobz '
+                               f'(schema {version}; this one knows {SCHEMA_VERSION})')
+        # A later change: `elif version < 3:` the change, then UPDATE schema_version.
+        self.db.commit()
 
     def begin(self) -> None:
         if not self.db.in_transaction:
-            self.db.execute('BEGIN IMMEDIATE')
+            self.db.begin()
+            if self.stale:    # after a rollback: the sequence heads as the journal has them
+                self.heads, self.pool_heads = self._heads()
+                self.stale = False
 
     def commit(self) -> None:
-        """Make everything since begin() durable (synchronous=FULL) in one fsync."""
+        """Make everything since begin() durable (SQLite synchronous=FULL, or PostgreSQL's COMMIT)."""
         if self.db.in_transaction:
-            self.db.execute('COMMIT')
+            self.db.commit()
 
     def rollback(self) -> None:
-        # A COMMIT that failed (a full disk, say) may have rolled back already: then nothing to undo.
-        if self.db.in_transaction:
-            self.db.execute('ROLLBACK')
-        self.heads, self.pool_heads = self._heads()
+        self.db.rollback()
+        self.stale = True
+
+    def reachable(self, retry: bool = True) -> bool:
+        """Whether the database can be used (always, for SQLite); after PostgreSQL went away,
+        with `retry`, connect again (at most once a second)."""
+        return self.db.reachable(retry)
 
     def _heads(self) -> tuple[dict, dict]:
         """Per topic: the last sequence number given (calls > 0), and the last given to a pool call (< 0)."""
@@ -169,7 +187,7 @@ class Journal:
 
     def changes(self) -> int:
         """A number that grows with every row written: compare two readings to see whether anything was."""
-        return self.db.total_changes
+        return self.db.changes
 
     def add_run(self, run_id: str, job: str, topic: str, params: dict, sanitized: list,
                 key: str | None, workers: list[str], parent: str | None = None,
@@ -217,7 +235,7 @@ class Journal:
         row = self.db.execute('SELECT state FROM results WHERE run_id = ? AND worker = ?', (run_id, worker)).fetchone()
         return row[0] if row else None
 
-    def run_row(self, run_id: str) -> sqlite3.Row | None:
+    def run_row(self, run_id: str) -> 'Row | None':
         return self.db.execute('SELECT * FROM runs WHERE run_id = ?', (run_id,)).fetchone()
 
     def topic_of(self, run_id: str) -> str | None:
@@ -273,30 +291,30 @@ class Journal:
         return out
 
     def pool_queued(self) -> bool:
-        return self.db.execute('SELECT EXISTS (SELECT 1 FROM pool WHERE worker IS NULL)').fetchone()[0] == 1
+        return bool(self.db.execute('SELECT EXISTS (SELECT 1 FROM pool WHERE worker IS NULL)').fetchone()[0])
 
     def pool_held(self) -> dict[str, int]:
         """worker -> pool calls given to it or taken by it that it has not reported on."""
         return dict(self.db.execute('SELECT worker, count(*) FROM pool WHERE worker IS NOT NULL GROUP BY worker'))
 
-    def pool_row(self, run_id: str) -> sqlite3.Row | None:
+    def pool_row(self, run_id: str) -> 'Row | None':
         return self.db.execute('SELECT * FROM pool WHERE run_id = ?', (run_id,)).fetchone()
 
     def pool_give(self, run_id: str, worker: str | None) -> None:
         """Give a call to `worker` (None: back to the queue, in its old place) unless one has taken it."""
-        self.db.execute('UPDATE pool SET worker = ? WHERE run_id = ? AND NOT taken', (worker, run_id))
+        self.db.execute('UPDATE pool SET worker = ? WHERE run_id = ? AND taken = 0', (worker, run_id))
 
     def pool_take(self, run_id: str, worker: str) -> bool:
         """`worker` asked for the call: if it is its (or nobody's), it has it now and may start it."""
-        cur = self.db.execute('UPDATE pool SET worker = ?, taken = 1 WHERE run_id = ? AND NOT taken '
+        cur = self.db.execute('UPDATE pool SET worker = ?, taken = 1 WHERE run_id = ? AND taken = 0 '
                               'AND (worker = ? OR worker IS NULL)', (worker, run_id, worker))
         if cur.rowcount:
-            self.db.execute('INSERT OR IGNORE INTO results (run_id, worker, state) VALUES (?, ?, ?)',
+            self.db.execute('INSERT INTO results (run_id, worker, state) VALUES (?, ?, ?) ON CONFLICT DO NOTHING',
                             (run_id, worker, PENDING))
         return cur.rowcount > 0
 
     def pool_untaken(self, worker: str) -> list[str]:
-        return [r[0] for r in self.db.execute('SELECT run_id FROM pool WHERE worker = ? AND NOT taken', (worker,))]
+        return [r[0] for r in self.db.execute('SELECT run_id FROM pool WHERE worker = ? AND taken = 0', (worker,))]
 
     def pool_again(self, run_id: str, worker: str, delay: float) -> None:
         """Queue a call again, to be given out after `delay` seconds, after `worker` reported it interrupted."""
@@ -355,24 +373,25 @@ class Journal:
              limit: int = 1000) -> list[dict]:
         """Light records of the runs of `jobs` (any job if none), newest first; only those whose parameter
         param[0] is param[1], or whose parent is `parent`, when given."""
-        where, args = ['1'], []
+        where, args = ['TRUE'], []
         if jobs:
             where.append('r.job IN (%s)' % ','.join('?' * len(jobs)))
             args += list(jobs)
         if param:
-            where.append("json_extract(r.params, '$.' || ?) = ?")
+            where.append(self.db.json_field('r.params') + ' = ?')
             args += list(param)
         if parent:
             where.append('r.parent = ?')
             args.append(parent)
         return self._summaries(' AND '.join(where), tuple(args), limit)
 
-    def _summaries(self, where: str = '1', args: tuple = (), limit: int = 1000) -> list[dict]:
+    def _summaries(self, where: str = 'TRUE', args: tuple = (), limit: int = 1000) -> list[dict]:
         """Light run records (newest first), with each worker's state, from one query."""
+        states = self.db.agg("s.worker || '=' || s.state")
         rows = self.db.execute(
             "SELECT r.run_id, r.job, r.params, r.created, r.parent, r.by, r.key, max(s.finished) AS finished, "
-            "group_concat(s.worker || '=' || s.state) AS states, "
-            "r.seq < 0 AND EXISTS (SELECT 1 FROM pool p WHERE p.run_id = r.run_id AND NOT p.taken) AS queued "
+            f"{states} AS states, "
+            "r.seq < 0 AND EXISTS (SELECT 1 FROM pool p WHERE p.run_id = r.run_id AND p.taken = 0) AS queued "
             f"FROM runs r LEFT JOIN results s USING (run_id) WHERE {where} "
             "GROUP BY r.run_id ORDER BY r.created DESC LIMIT ?", args + (limit,))
         return [summary_record(r) for r in rows]
@@ -402,9 +421,12 @@ class Journal:
 
     def ended(self, run_id: str) -> tuple[str, str, float] | None:
         """(job, state, seconds from trigger to the last finish) once no worker is left to report; else None."""
-        job, created, finished, states = self.db.execute(
-            'SELECT r.job, r.created, max(s.finished), group_concat(s.state) FROM results s JOIN runs r '
-            'USING (run_id) WHERE s.run_id = ?', (run_id,)).fetchone()
+        row = self.db.execute(
+            f"SELECT r.job, r.created, max(s.finished), {self.db.agg('s.state')} FROM results s JOIN runs r "
+            'USING (run_id) WHERE s.run_id = ? GROUP BY r.run_id', (run_id,)).fetchone()
+        if row is None:
+            return None
+        job, created, finished, states = row
         states = states.split(',') if states else []
         if not states or any(s in OPEN_STATES for s in states):
             return None
@@ -424,16 +446,17 @@ class Journal:
             text = text[dropped + len(stored) - offset:]    # only what is new
         stored += text
         cut = max(0, len(stored) - MAX_OUTPUT)
-        self.db.execute('INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?)',
+        self.db.execute('INSERT INTO outputs VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, worker) DO UPDATE '
+                        'SET text = excluded.text, dropped = excluded.dropped, complete = excluded.complete',
                         (run_id, worker, stored[cut:], dropped + cut, int(complete)))
 
     def output(self, run_id: str, worker: str | None, offset: int) -> dict:
         """Per worker: the output from `offset` on, where to go on from, and whether more can come."""
         out = {}
+        one = (' AND s.worker = ?', (worker,)) if worker is not None else ('', ())
         for r in self.db.execute(
                 'SELECT s.worker, s.state, o.text, o.dropped, o.complete FROM results s LEFT JOIN outputs o '
-                'USING (run_id, worker) WHERE s.run_id = ? AND (? IS NULL OR s.worker = ?) ORDER BY s.worker',
-                (run_id, worker, worker)):
+                f'USING (run_id, worker) WHERE s.run_id = ?{one[0]} ORDER BY s.worker', (run_id, *one[1])):
             text, dropped = r['text'] or '', r['dropped'] or 0
             start = max(offset, dropped)
             out[r['worker']] = {'output': text[start - dropped:], 'offset': start,
@@ -447,7 +470,8 @@ class Journal:
                 for r in self.db.execute('SELECT * FROM workers')]
 
     def save_worker(self, name: str, topics: list, cursors: dict, last_seen: float) -> None:
-        self.db.execute('INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)',
+        self.db.execute('INSERT INTO workers VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET '
+                        'topics = excluded.topics, cursors = excluded.cursors, last_seen = excluded.last_seen',
                         (name, json.dumps(sorted(topics)), json.dumps(cursors), last_seen))
 
     def forget_worker(self, name: str) -> None:
@@ -476,9 +500,8 @@ class Journal:
         return self.db.execute('SELECT count(*) FROM runs').fetchone()[0]
 
     def size(self) -> int:
-        """Bytes on disk: the database and its write-ahead log."""
-        path = self.db.execute('PRAGMA database_list').fetchone()[2]
-        return sum(os.path.getsize(p) for p in (path, path + '-wal') if p and os.path.exists(p))
+        """Bytes on disk: SQLite's database and its write-ahead log; PostgreSQL's database."""
+        return self.db.size()
 
     def close(self) -> None:
         self.db.close()

@@ -68,6 +68,7 @@ class Stack:
         self.mongrel2_conf = mongrel2_conf or os.path.join(ROOT, 'mongrel2.conf')
         self.log_dir = log_dir          # None: processes write to our stdout/stderr
         self.broker_args: list[str] = []
+        self.journal: str | None = None    # a postgresql:// URL (given in the environment: ps shows arguments)
         self.prefix: dict[str, list[str]] = {}    # process name -> argv prefix (say `ip netns exec NS`)
         self.procs: dict[str, subprocess.Popen] = {}
         self.bind = bind                # the one address every server socket binds to
@@ -114,7 +115,8 @@ class Stack:
             *(['--clients', self.clients] if self.clients else []),
             # The names this stack's own URLs use, besides the loopback names.
             '--hostnames', ','.join(dict.fromkeys([*defaults.HOSTNAMES.split(','), urlsplit(self.url).hostname,
-                                                   urlsplit(self.tls_url).hostname]))])
+                                                   urlsplit(self.tls_url).hostname]))],
+            **({'env': os.environ | {'JOBZ_JOURNAL': self.journal}} if self.journal else {}))
 
     def start_worker(self, name: str, *extra: str) -> None:
         self.spawn(name, self.script('worker.py') + [

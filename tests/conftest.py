@@ -11,6 +11,7 @@ sys.path.insert(0, ROOT)
 
 from jobz import protocol as p  # noqa: E402
 from jobz.harness import LocalStack, Triggers, final_states, free_port, http, wait_for  # noqa: E402,F401
+from jobz.postgres import Cluster  # noqa: E402
 
 
 class TestStack(LocalStack):
@@ -27,13 +28,43 @@ def started(stack, workers=('w1',), semaphore: bool = True):
         stack.stop_all()
 
 
+@pytest.fixture(scope='session')
+def postgres():
+    """A throwaway PostgreSQL cluster for the whole session (jobz/postgres.py), removed at the end."""
+    cluster = Cluster().start()
+    yield cluster
+    cluster.remove()
+
+
+def pytest_generate_tests(metafunc):
+    """A test marked `both_journals` runs twice: its stacks' broker on SQLite, then on PostgreSQL."""
+    if metafunc.definition.get_closest_marker('both_journals'):
+        for name in ('make_stack', 'journal_at'):
+            if name in metafunc.fixturenames:
+                metafunc.parametrize(name, ['sqlite', 'postgresql'], indirect=True)
+
+
 @pytest.fixture
-def make_stack(tmp_path):
+def journal_at(request, tmp_path):
+    """Where a journal of this test lives: a SQLite file, or a new PostgreSQL database."""
+    return journal_where(request, str(tmp_path / 'journal.db'))
+
+
+def journal_where(request, sqlite_path: str) -> str:
+    if getattr(request, 'param', 'sqlite') == 'postgresql':
+        return request.getfixturevalue('postgres').new_database()
+    return sqlite_path
+
+
+@pytest.fixture
+def make_stack(tmp_path, request):
     """Build and start stacks for one test; every process is stopped afterwards, pass or fail."""
     stacks = []
 
     def make(jobs_yaml: str, workers=('w1',), semaphore: bool = True, start: bool = True, **kw):
         stack = TestStack(str(tmp_path / f's{len(stacks)}'), jobs_yaml, **kw)
+        if getattr(request, 'param', 'sqlite') == 'postgresql':
+            stack.journal = journal_where(request, '')
         stacks.append(stack)
         if start:
             stack.start(workers, semaphore)

@@ -71,10 +71,13 @@ both:
 """
 
 
-@pytest.fixture(scope='module')
-def stack(tmp_path_factory):
+@pytest.fixture(scope='module', params=['sqlite', 'postgresql'])
+def stack(tmp_path_factory, request):
+    """One stack for the module, whose broker journals in SQLite, then one on PostgreSQL."""
     root = tmp_path_factory.mktemp('e2e')
     s = TestStack(str(root), JOBS)
+    if request.param == 'postgresql':
+        s.journal = request.getfixturevalue('postgres').new_database()
     w2_jobs = os.path.join(str(root), 'jobs-w2.yaml')
     with open(w2_jobs, 'w') as f:
         f.write(W2_JOBS.replace('{out}', s.out))

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import assert_each_ran_once, final_states, http, triggers, wait_for
 from jobz.journal import Journal
+from jobz.postgres import Cluster
 
 JOBS = """
 count:
@@ -82,6 +83,7 @@ def test_worker_killed_mid_job_reports_interrupted_never_reruns(make_stack):
         kill_leftovers(stack)
 
 
+@pytest.mark.both_journals
 def test_broker_killed_right_after_answering(make_stack):
     stack = make_stack(JOBS, semaphore=False)
     # A request Mongrel2 had handed to the killed broker is never answered: it times out, unaccepted.
@@ -95,6 +97,7 @@ def test_broker_killed_right_after_answering(make_stack):
     assert len(sender.accepted) >= 100
 
 
+@pytest.mark.both_journals
 def test_broker_restart_remembers_workers(make_stack):
     stack = make_stack(JOBS, semaphore=False)
     stack.stop('broker', signal.SIGKILL)
@@ -141,6 +144,7 @@ def test_stalled_worker_with_tiny_high_water_mark(make_stack):
     wait_for(lambda: stack.get('/workers')[1]['w1']['lag']['count'] == 0, what='lag back to 0')
 
 
+@pytest.mark.both_journals
 def test_duplicate_triggers_with_same_key_start_once(make_stack):
     stack = make_stack(JOBS, semaphore=False)
     senders = [triggers(stack, [f'job_name=count&key=dup-{k}' for k in range(10)]) for _ in range(20)]
@@ -154,6 +158,7 @@ def test_duplicate_triggers_with_same_key_start_once(make_stack):
     assert len(stack.runs('count')) == 10
 
 
+@pytest.mark.both_journals
 def test_semaphore_killed_mid_count_releases_once(make_stack):
     stack = make_stack(JOBS)
     dates = [f'2026_05_{d:02d}' for d in range(1, 21)]
@@ -174,6 +179,7 @@ def test_semaphore_killed_mid_count_releases_once(make_stack):
     assert sorted(r['params']['tag'] for r in records) == sorted(dates)
 
 
+@pytest.mark.both_journals
 def test_hung_broker_is_noticed_and_caught_up(make_stack):
     stack = make_stack(JOBS, semaphore=False)
     before = stack.start_job('job_name=count')['run_id']
@@ -191,6 +197,7 @@ def test_hung_broker_is_noticed_and_caught_up(make_stack):
     wait_for(lambda: 'broker answering again' in open(log).read(), what='the worker to see the broker back')
 
 
+@pytest.mark.both_journals
 def test_expired_call_is_reported_not_run(make_stack):
     stack = make_stack(JOBS, semaphore=False)
     stack.stop('w1', signal.SIGKILL)
@@ -203,6 +210,7 @@ def test_expired_call_is_reported_not_run(make_stack):
     assert wait_for(lambda: stack.lines('record-stale.txt')) == ['expired']    # on_failure fired
 
 
+@pytest.mark.both_journals
 def test_count_all_waits_for_every_expected_worker(make_stack):
     stack = make_stack(JOBS, workers=('w1', ('w2', ['--topics', 'bcast'])))
     runs = [stack.start_job('job_name=bcast')['run_id'] for _ in range(3)]
@@ -219,6 +227,7 @@ def test_count_all_waits_for_every_expected_worker(make_stack):
                                    if s['workers']['semaphore']['output_tail'].endswith('released'))
 
 
+@pytest.mark.both_journals
 def test_journal_is_pruned(make_stack):
     stack = make_stack(JOBS, semaphore=False, start=False)
     stack.broker_args = ['--keep-days', '0.00003']    # about 2.6 s
@@ -233,8 +242,9 @@ def test_journal_is_pruned(make_stack):
     assert stack.status(later)['seq'] == 31
 
 
-def test_prune_waits_for_the_slowest_cursor(tmp_path):
-    journal = Journal(str(tmp_path / 'j.db'))
+@pytest.mark.both_journals
+def test_prune_waits_for_the_slowest_cursor(journal_at):
+    journal = Journal(journal_at)
     journal.begin()
     for i in range(5):
         journal.add_run(f'r{i}', 'count', 'count', {}, [], None, [])
@@ -283,3 +293,29 @@ def test_a_burst_whose_commit_fails_leaves_no_trace(make_stack, tmp_path):
         for stack_proc in ('mongrel2', 'w1', 'broker'):
             stack.stop(stack_proc)
         subprocess.run(['umount', str(small)], check=True, timeout=30)
+
+
+def test_postgresql_restart_under_load_loses_nothing_answered(make_stack):
+    """PostgreSQL crashes and comes back while triggers stream in: while it is away every trigger is
+    answered 503 at once (no hang, no 200), the broker connects again by itself, and every trigger
+    answered 200 before, during or after is in the journal and runs once."""
+    cluster = Cluster().start()    # its own: this test crashes it
+    try:
+        stack = make_stack(JOBS, start=False)
+        stack.journal = cluster.new_database()
+        stack.start([('w1', ['--topics', 'count'])], semaphore=False)
+        sender = triggers(stack, 'job_name=count', 800, pace=0.01, timeout=10)
+        sender.start()
+        sender.wait_accepted(100)
+        cluster.stop('immediate')    # as a crash: no shutdown checkpoint
+        wait_for(lambda: sender.refused[503] >= 20, timeout=10, what='503 answers while PostgreSQL is away')
+        before = len(sender.accepted)
+        cluster.start()
+        wait_for(lambda: len(sender.accepted) > before + 20, timeout=20, what='triggers accepted again')
+        accepted = sender.finish()
+        assert set(sender.refused) == {503}, sender.refused    # refused at once: no timeouts, no 500
+        assert_each_ran_once(stack, 'count', accepted)
+        with open(os.path.join(stack.log_dir, 'broker.log')) as f:
+            assert 'the journal is reachable again' in f.read()
+    finally:
+        cluster.remove()

@@ -6,7 +6,11 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from conftest import ROOT, http, wait_for
+
+pytestmark = pytest.mark.both_journals    # the pool's tables and their conditional updates, on both engines
 
 JOBS = r"""
 nap:

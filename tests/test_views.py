@@ -33,12 +33,15 @@ after:
 """
 
 
-@pytest.fixture(scope='module')
-def stack(tmp_path_factory):
+@pytest.fixture(scope='module', params=['sqlite', 'postgresql'])
+def stack(tmp_path_factory, request):
+    """One stack for the module, whose broker journals in SQLite, then one on PostgreSQL."""
+    s = TestStack(str(tmp_path_factory.mktemp('views')), JOBS)
+    if request.param == 'postgresql':
+        s.journal = request.getfixturevalue('postgres').new_database()
     # w2 keeps only 500 characters of output per run.
-    with started(TestStack(str(tmp_path_factory.mktemp('views')), JOBS),
-                 [('w1', ['--topics', 'talk,a,b,part,after']),
-                  ('w2', ['--topics', 'small', '--output-max', '500', '--output-tail', '100'])]) as s:
+    with started(s, [('w1', ['--topics', 'talk,a,b,part,after']),
+                     ('w2', ['--topics', 'small', '--output-max', '500', '--output-tail', '100'])]):
         yield s
 
 

@@ -1,0 +1,213 @@
+"""The two engines the broker's journal runs on: SQLite (a file under --home) and PostgreSQL.
+
+journal.py writes its SQL once, in what both understand (`?` placeholders, ON CONFLICT upserts,
+DOUBLE PRECISION times); what differs is here: connecting, transactions, counting changes, the
+two functions that are spelled differently, and the size on disk. Nothing else opens the database.
+"""
+import logging
+import os
+import re
+import sqlite3
+import time
+
+from .files import private_file
+
+log = logging.getLogger('jobz.journal')
+# libpq: give up on a connection that hangs (a partition, a dead host) within seconds, not TCP's minutes.
+CONNECT = {'connect_timeout': 3, 'keepalives': 1, 'keepalives_idle': 2, 'keepalives_interval': 1,
+           'keepalives_count': 2, 'tcp_user_timeout': 4000}
+RECONNECT_EVERY = 1.0    # seconds between attempts while PostgreSQL cannot be reached
+
+
+def redact(text: str) -> str:
+    """`text` with the password of any URL in it replaced by ***, for messages and logs."""
+    return re.sub(r'(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@', r'\1***@', text)
+
+
+def open_db(where: str) -> 'SQLite | Postgres':
+    """`postgresql://…` (or `postgres://…`): PostgreSQL through psycopg 3; anything else: a SQLite file."""
+    if where.startswith(('postgresql://', 'postgres://')):
+        return Postgres(where)
+    return SQLite(where)
+
+
+class SQLite:
+    engine = 'sqlite'
+    Error = sqlite3.Error
+    Row = sqlite3.Row
+
+    def __init__(self, path: str):
+        # isolation_level=None: we open and commit transactions ourselves, in batches.
+        self.conn = sqlite3.connect(private_file(path), isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute('PRAGMA journal_mode=WAL')
+        self.conn.execute('PRAGMA synchronous=FULL')    # a commit is on disk when COMMIT returns
+        self.execute = self.conn.execute
+        self.executemany = self.conn.executemany
+        self.script = self.conn.executescript
+
+    def begin(self) -> None:
+        self.conn.execute('BEGIN IMMEDIATE')
+
+    def commit(self) -> None:
+        self.conn.execute('COMMIT')
+
+    def rollback(self) -> None:
+        # A COMMIT that failed (a full disk, say) may have rolled back already: then nothing to undo.
+        if self.conn.in_transaction:
+            self.conn.execute('ROLLBACK')
+
+    @staticmethod
+    def reachable(retry: bool = True) -> bool:
+        return True    # a file: its failures are errors of a statement, not of a connection
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    @property
+    def changes(self) -> int:
+        return self.conn.total_changes
+
+    @staticmethod
+    def agg(expr: str) -> str:
+        """SQL: the values of `expr` in a group, joined by commas."""
+        return f"group_concat({expr})"
+
+    @staticmethod
+    def json_field(column: str) -> str:
+        """SQL: the text of the field (named by the next `?`) of the JSON object in `column`."""
+        return f"json_extract({column}, '$.' || ?)"
+
+    def columns(self, table: str) -> list[str]:
+        return [r['name'] for r in self.conn.execute(f'PRAGMA table_info({table})')]
+
+    def size(self) -> int:
+        """Bytes on disk: the database and its write-ahead log."""
+        path = self.conn.execute('PRAGMA database_list').fetchone()[2]
+        return sum(os.path.getsize(p) for p in (path, path + '-wal') if p and os.path.exists(p))
+
+    def describe(self) -> str:
+        return self.conn.execute('PRAGMA database_list').fetchone()[2]
+
+
+class Row(tuple):
+    """A result row read both ways, as sqlite3.Row is: row[0] and row['name']."""
+    __slots__ = ()
+    names: dict = {}
+
+    def __getitem__(self, key):
+        return tuple.__getitem__(self, self.names[key] if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+
+class Postgres:
+    """One connection, in autocommit mode: like the SQLite side, transactions are our own BEGIN and COMMIT.
+
+    synchronous_commit must stay `on` (PostgreSQL's default): then COMMIT returns once the
+    commit is on disk (and on the synchronous standbys, if the operator has any)."""
+    engine = 'postgresql'
+
+    def __init__(self, url: str):
+        import psycopg    # only needed here: SQLite users need not install it
+        self.psycopg = psycopg
+        self.Error = psycopg.Error
+        self.url = url
+        self.changes = 0
+        self.retry_at = 0.0
+        self.conn = self._connect()
+        self.Row = Row
+
+    def _connect(self):
+        return self.psycopg.connect(self.url, autocommit=True, row_factory=self._rows, **CONNECT)
+
+    _kinds: dict = {}
+
+    @classmethod
+    def _rows(cls, cursor):
+        """psycopg's row factory: a Row class that knows this query's column names (one per column list)."""
+        names = tuple(c.name for c in cursor.description or ())
+        kind = cls._kinds.get(names)
+        if kind is None:
+            kind = cls._kinds[names] = type('Row', (Row,), {'__slots__': (), 'names': {n: i for i, n in enumerate(names)}})
+        return kind
+
+    def execute(self, sql: str, args=()):
+        cur = self.conn.execute(sql.replace('%', '%%').replace('?', '%s'), args)
+        if cur.rowcount > 0 and (cur.statusmessage or '').startswith(('INSERT', 'UPDATE', 'DELETE')):
+            self.changes += cur.rowcount
+        return cur
+
+    def executemany(self, sql: str, rows) -> None:
+        rows = list(rows)
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(sql.replace('%', '%%').replace('?', '%s'), rows)
+            self.changes += len(rows)
+
+    def script(self, sql: str) -> None:
+        self.conn.execute(sql)    # no parameters: several statements in one go
+
+    def begin(self) -> None:
+        self.conn.execute('BEGIN')
+
+    def commit(self) -> None:
+        # COMMIT of a transaction that already failed is a ROLLBACK that PostgreSQL does not call an
+        # error: it must not pass for a commit here.
+        if self.conn.info.transaction_status == self.psycopg.pq.TransactionStatus.INERROR:
+            raise self.psycopg.errors.InFailedSqlTransaction('the transaction failed before COMMIT')
+        cur = self.conn.execute('COMMIT')
+        if cur.statusmessage != 'COMMIT':
+            raise self.psycopg.errors.InFailedSqlTransaction(f'COMMIT answered {cur.statusmessage}')
+
+    def rollback(self) -> None:
+        """Undo the open transaction; on a lost connection there is nothing left to undo (the server did)."""
+        if self.conn.broken or self.conn.closed:
+            return
+        try:
+            if self.in_transaction:
+                self.conn.execute('ROLLBACK')
+        except self.psycopg.OperationalError:
+            pass    # the connection went with it: reachable() connects again
+
+    def reachable(self, retry: bool = True) -> bool:
+        if not (self.conn.broken or self.conn.closed):
+            return True
+        now = time.monotonic()
+        if not retry or now < self.retry_at:
+            return False
+        self.retry_at = now + RECONNECT_EVERY
+        try:
+            conn = self._connect()
+        except self.psycopg.OperationalError as e:
+            log.warning('the journal is unreachable: %s', redact(str(e)).strip().splitlines()[-1][:300])
+            return False
+        self.conn.close()
+        self.conn = conn
+        log.warning('the journal is reachable again (%s)', self.describe())
+        return True
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
+
+    @staticmethod
+    def agg(expr: str) -> str:
+        return f"string_agg({expr}, ',')"
+
+    @staticmethod
+    def json_field(column: str) -> str:
+        return f"({column}::jsonb ->> ?)"
+
+    def columns(self, table: str) -> list[str]:
+        return [r[0] for r in self.execute('SELECT column_name FROM information_schema.columns '
+                                           'WHERE table_schema = current_schema() AND table_name = ?', (table,))]
+
+    def size(self) -> int:
+        return self.execute('SELECT pg_database_size(current_database())').fetchone()[0]
+
+    def describe(self) -> str:
+        info = self.conn.info
+        return f'postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}'
