@@ -3,16 +3,18 @@
 import logging
 import os
 import signal
+import socket
 import sys
 
 import zmq
 
 from jobz import defaults
-from jobz.broker import Broker
+from jobz.broker import Broker, connect_fronts
 from jobz.cli import Parser, check_curve, home_or_exit, is_loopback, load_or_exit, setup_logging
 from jobz.curve import Enrolled
 from jobz.db import redact
 from jobz.journal import Journal
+from jobz.lease import holder_name, stand_by
 from jobz.tls import ClientCerts
 
 log = logging.getLogger('jobz.broker')
@@ -25,6 +27,9 @@ def parse_args(argv=None):
     ap.option('--journal', env='JOBZ_JOURNAL', default=None, shown='HOME/journal.db',
               help='where the journal lives: a SQLite file, or postgresql://USER@HOST:PORT/DB (the password '
                    'from ~/.pgpass, PGPASSFILE or this variable, never the command line: ps shows it)')
+    ap.option('--front-url', env='JOBZ_FRONT_URL', default=f'http://{socket.gethostname()}:{defaults.PORT}',
+              help='the URL clients reach this front end by: with several front ends on one PostgreSQL '
+                   'journal, a standby names the active one by it (503 with "active")')
     ap.option('--pub', env='JOBZ_PUB', default=defaults.PUB, help='bind address for live calls to workers')
     ap.option('--router', env='JOBZ_ROUTER', default=defaults.ROUTER,
               help='bind address for worker sync, results and heartbeats')
@@ -89,22 +94,37 @@ def main(argv=None) -> int:
     home_or_exit(args.home)
     journal = open_journal_or_exit(args.journal or os.path.join(args.home, 'journal.db'))
     ctx = zmq.Context()
-    broker = Broker(jobs, journal, ctx,
-                    m2_recv=args.m2_recv, m2_send=args.m2_send, m2_ident=args.m2_ident,
-                    pub=args.pub, router=args.router, worker_timeout=args.worker_timeout,
-                    max_body=args.max_body, keep_days=args.keep_days, pub_hwm=args.pub_hwm,
-                    curve_secret=args.curve_secret, enrolled=Enrolled(args.enrolled) if args.enrolled else None,
-                    m2_tls_recv=args.m2_tls_recv, m2_tls_send=args.m2_tls_send,
-                    clients=ClientCerts(args.clients) if args.clients else None, hostnames=args.hostnames)
+    fronts = connect_fronts(ctx, args.m2_recv, args.m2_send, args.m2_ident, args.m2_tls_recv, args.m2_tls_send)
+    me, now = holder_name(), {'stopping': False, 'broker': None}
 
     def stop(signum, frame):
-        broker.stopping = True    # only a flag: the loop finishes its burst and leaves
+        now['stopping'] = True    # only flags: the loop finishes its burst and leaves
+        if now['broker']:
+            now['broker'].stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info('broker up: %d jobs, pub %s, router %s', len(jobs), args.pub, args.router)
-    broker.run()
-    broker.close()
+    while not now['stopping']:
+        # On a shared (PostgreSQL) journal, one broker at a time: the others stand by (jobz/lease.py).
+        if journal.shared and not stand_by(journal, fronts, me, args.front_url, lambda: now['stopping']):
+            break
+        broker = now['broker'] = Broker(
+            jobs, journal, ctx, m2_recv=args.m2_recv, m2_send=args.m2_send, fronts=fronts,
+            pub=args.pub, router=args.router, worker_timeout=args.worker_timeout,
+            max_body=args.max_body, keep_days=args.keep_days, pub_hwm=args.pub_hwm,
+            curve_secret=args.curve_secret, enrolled=Enrolled(args.enrolled) if args.enrolled else None,
+            clients=ClientCerts(args.clients) if args.clients else None, hostnames=args.hostnames)
+        log.info('broker up: %d jobs, pub %s, router %s, journal %s', len(jobs), args.pub, args.router,
+                 journal.db.describe())
+        broker.run()
+        broker.close(fronts=False)
+        now['broker'] = None
+        if not broker.lost:
+            break
+    journal.release_lease()
+    for front in fronts:
+        front.close()
+    journal.close()
     ctx.term()
     return 0
 

@@ -38,12 +38,13 @@ def main(argv=None) -> int:
     if set(topics) - set(ours):
         sys.exit(f'error: --topics: no semaphore job has topic {", ".join(sorted(set(topics) - set(ours)))}')
     home_or_exit(args.home)
+    urls = [u.strip() for u in args.url.split(',') if u.strip()]    # several front ends: the first first
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'semaphore-{args.name}.db'), sync_interval=args.sync_interval,
                   rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key,
-                  tls=client_context(args.tls_cert, args.tls_key, args.tls_ca))
-    sem = Semaphore(agent, jobs, name=args.name, url=args.url)
+                  tls=client_context(args.tls_cert, args.tls_key, args.tls_ca), fronts=urls)
+    sem = Semaphore(agent, jobs, name=args.name, url=urls[0])
     signal.signal(signal.SIGTERM, sem.request_stop)
     signal.signal(signal.SIGINT, sem.request_stop)
     log.info('semaphore %s up: jobs %s', args.name, ', '.join(sorted(sem.jobs)))

@@ -51,12 +51,14 @@ def main(argv=None) -> int:
     if bad or not topics:
         sys.exit(f'error: no usable topics ({", ".join(bad) or "the job files define no command jobs"})')
     home_or_exit(args.home)
+    urls = [u.strip() for u in args.url.split(',') if u.strip()]    # several front ends: the first first
     ctx = zmq.Context()
     agent = Agent(ctx, args.name, topics, pub=args.pub, router=args.router,
                   db_path=os.path.join(args.home, f'worker-{args.name}.db'), sync_interval=args.sync_interval,
                   rcvhwm=args.rcvhwm, curve_secret=args.curve_secret, broker_key=args.broker_key,
-                  tls=client_context(args.tls_cert, args.tls_key, args.tls_ca), slots=args.concurrency)
-    worker = Worker(agent, jobs, name=args.name, url=args.url,
+                  tls=client_context(args.tls_cert, args.tls_key, args.tls_ca), fronts=urls,
+                  slots=args.concurrency)
+    worker = Worker(agent, jobs, name=args.name, url=urls[0],
                     concurrency=args.concurrency, kill_grace=args.kill_grace, output_tail=args.output_tail,
                     output_max=args.output_max)
     signal.signal(signal.SIGTERM, worker.request_stop)

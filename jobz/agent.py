@@ -45,7 +45,10 @@ KEEP_DONE = 7 * 86400.0 # how long the ids of done calls are kept to recognise a
 
 def broker_sockets(ctx: zmq.Context, name: str, topics: list[str], pub: str, router: str, rcvhwm: int,
                    curve: tuple | None) -> tuple[zmq.Socket, zmq.Socket]:
-    """A SUB for live calls and a DEALER for the rest, connected to the broker."""
+    """A SUB for live calls and a DEALER for the rest, connected to the broker.
+
+    `pub` and `router` may each name several front ends (comma-separated): only the active broker
+    binds its ports, so the sockets talk to whichever is active."""
     sub = ctx.socket(zmq.SUB)
     sub.rcvhwm = rcvhwm       # past it live calls drop; the gap triggers a SYNC
     dealer = ctx.socket(zmq.DEALER)
@@ -54,6 +57,9 @@ def broker_sockets(ctx: zmq.Context, name: str, topics: list[str], pub: str, rou
     # over our connection at the broker by claiming the same routing id.
     dealer.routing_id = name.encode() + b'/' + secrets.token_hex(16).encode()
     dealer.sndhwm = 10000
+    # Messages only to a connection that is up: never queued for a front end that is standing by
+    # (a message that cannot go now is sent again: results until acknowledged, SYNC every second).
+    dealer.immediate = True
     for sock in (sub, dealer):
         sock.linger = 0
         sock.maxmsgsize = 16 << 20      # a CALLS answer is kept near 1 MB by the broker
@@ -67,15 +73,17 @@ def broker_sockets(ctx: zmq.Context, name: str, topics: list[str], pub: str, rou
             make_client(sock, *curve)    # pins the broker's public key
     for topic in topics:
         sub.subscribe(p.topic_frame(topic))
-    sub.connect(pub)
-    dealer.connect(router)
+    for addr in pub.split(','):
+        sub.connect(addr.strip())
+    for addr in router.split(','):
+        dealer.connect(addr.strip())
     return sub, dealer
 
 
 class Agent:
     def __init__(self, ctx: zmq.Context, name: str, topics: list[str], *, pub: str, router: str,
                  db_path: str, sync_interval: float = 1.0, running=lambda: 0, rcvhwm: int = 1000, slots: int = 0,
-                 curve_secret: str | None = None, broker_key: str | None = None, tls=None):
+                 curve_secret: str | None = None, broker_key: str | None = None, tls=None, fronts=()):
         self.name = name
         self.topics = sorted(set(topics))
         self.sync_interval = sync_interval
@@ -104,7 +112,7 @@ class Agent:
         # job's RESULT (which carries its start time) says it all, with one message less.
         self.starting: dict[str, float] = {}     # run_id -> start time, marked in this turn
         self.announce: dict[str, float] = {}     # run_id -> start time, to announce at this commit
-        self.handlers = HandlerCalls(self.db, self.write, tls)    # on_success/on_failure URLs to call
+        self.handlers = HandlerCalls(self.db, self.write, tls, fronts)    # on_success/on_failure URLs to call
 
     def _connect(self) -> None:
         """(Re)build the SUB and DEALER sockets and connect them to the broker."""
@@ -192,10 +200,14 @@ class Agent:
                     acked += [r for r in ids if isinstance(r, str)]
                 elif verb == p.ASSIGN:
                     self._assigned(msg)
-                elif verb == p.GO:
-                    calls += self._go(msg.get('run_id'))
-                elif verb == p.REFUSE:
-                    self._refused(msg.get('run_id'))
+                elif verb in (p.GO, p.REFUSE):
+                    run_id = msg.get('run_id')
+                    if not isinstance(run_id, str):
+                        raise ValueError('no run id')
+                    if verb == p.GO:
+                        calls += self._go(run_id)
+                    else:
+                        self._refused(run_id)
             except ValueError:
                 log.warning('dropping a bad %r from the broker', verb[:32])
         if acked:
@@ -310,11 +322,13 @@ class Agent:
         """Output of a running command, best effort: its result carries the whole of it anyway."""
         self._send(p.OUTPUT, {'run_id': run_id, 'offset': offset, 'text': text})
 
-    def _send(self, verb: bytes, msg: dict) -> None:
+    def _send(self, verb: bytes, msg: dict) -> bool:
+        """Send now if a broker is connected; False if not (the outbox and SYNC carry it later)."""
         try:
             self.dealer.send_multipart([verb, p.pack(msg)], zmq.NOBLOCK)
+            return True
         except zmq.Again:
-            pass    # the outbox and SYNC carry it later; never block the loop
+            return False    # never block the loop
 
     # -- clock work -------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -337,9 +351,9 @@ class Agent:
         if self.sync_sent is not None and now - self.sync_sent > max(5.0, 3 * self.sync_interval):
             self.sync_sent = None    # the answer was lost (broker restart): ask again
         if self.sync_sent is None and now >= self.sync_due:
-            self._send(p.SYNC, {'topics': self.topics, 'cursors': self.cursors, 'running': self.running(),
-                                'slots': self.slots, 'busy': self.busy()})
-            self.sync_sent = now
+            if self._send(p.SYNC, {'topics': self.topics, 'cursors': self.cursors, 'running': self.running(),
+                                   'slots': self.slots, 'busy': self.busy()}):
+                self.sync_sent = now    # else no broker is connected yet: again at the next tick
         if now >= self.outbox_due:    # once a second is plenty: a result is resent after RESEND_AFTER
             self.outbox_due = now + 1.0
             for run_id, result in self.db.execute('SELECT run_id, result FROM outbox').fetchall():

@@ -18,7 +18,8 @@ from .burst import Burst
 from .curve import PUB_DOMAIN, ROUTER_DOMAIN, Enrolled, make_server, start_authenticator
 from .front import Front
 from .jobfile import Job
-from .journal import Journal
+from .journal import Journal, LeaseLost
+from .lease import LEASE, RENEW_EVERY
 from .m2 import Connection
 from .metrics import Stats
 from .pool import Pool
@@ -40,7 +41,8 @@ class Broker:
                  m2_tls_recv: str | None = None, m2_tls_send: str | None = None,
                  clients: ClientCerts | None = None, hostnames: str | None = None,
                  worker_timeout: float = 30.0, max_body: int = 65536, keep_days: float = 30.0,
-                 pub_hwm: int = 10000, curve_secret: str | None = None, enrolled: Enrolled | None = None):
+                 pub_hwm: int = 10000, curve_secret: str | None = None, enrolled: Enrolled | None = None,
+                 fronts: list[Connection] | None = None):
         self.journal = journal
         self.keep = keep_days * 86400.0
         self.ctx, self.pub_addr, self.pub_hwm = ctx, pub, pub_hwm
@@ -49,9 +51,7 @@ class Broker:
         # ZAP must run before a CURVE socket binds; it names each peer by its enrolled key.
         self.auth = start_authenticator(ctx, enrolled) if enrolled else None
         # One Connection (own reply socket) per front end: Mongrel2 matches reply idents by prefix.
-        self.fronts = [Connection(ctx, m2_recv, m2_send, m2_ident)]
-        if m2_tls_recv:
-            self.fronts.append(Connection(ctx, m2_tls_recv, m2_tls_send, 'tls-' + m2_ident, tls=True))
+        self.fronts = fronts or connect_fronts(ctx, m2_recv, m2_send, m2_ident, m2_tls_recv, m2_tls_send)
         self.pub = self._bind_pub()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
@@ -74,7 +74,9 @@ class Broker:
         self.burst: Burst | None = None
         self.held_since: float | None = None
         self.rest_until = 0.0           # until then the loop leaves the worker socket alone (SYNC_REST)
+        self.renew_due = 0.0            # holding the lease: when to renew it if nothing commits before
         self.stopping = False
+        self.lost = False               # the lease went to another broker: back to standing by (lease.py)
 
     @property
     def m2(self) -> Connection:
@@ -136,9 +138,14 @@ class Broker:
             http = [f for f in self.fronts if f.reqs in events]
             if self.journal.reachable():
                 self.step(http=http, router=self.router in events)
-                self.tick(time.monotonic())
+                try:
+                    self.tick(time.monotonic())
+                except self.journal.db.Error as e:    # the database went away meanwhile: refused next turn
+                    log.warning('clock work failed: %s', str(e).strip()[:300])
             else:
                 self.refuse(http, router=self.router in events)
+                if self.journal.lease and time.monotonic() - self.journal.fenced_at > LEASE:
+                    self.lose('the journal was unreachable for longer than the lease')
 
     def step(self, http=True, router: bool = True) -> None:
         """Take one burst: journal it in one transaction, commit, then act on it (finish).
@@ -165,13 +172,18 @@ class Broker:
                 self.burst = burst
                 return
             self.journal.commit()
-        except Exception:
-            log.exception('journal commit failed; answering 500 (503: journal unreachable) to the whole burst')
+        except Exception as e:
             self.journal.rollback()
             self.burst = self.held_since = None
-            status = 500 if self.journal.reachable(retry=False) else 503
+            body = {'error': 'journal write failed; nothing was started'}
+            if isinstance(e, LeaseLost):
+                body = self.lose(str(e))
+                status = 503
+            else:
+                log.exception('journal commit failed; answering 500 (503: journal unreachable) to the whole burst')
+                status = 500 if self.journal.reachable(retry=False) else 503
             for req in [req for req, _, _ in burst.answers] + [req for _, req, _, _ in burst.waits]:
-                req.front.answer(req, status, {'error': 'journal write failed; nothing was started'})
+                req.front.answer(req, status, body)
             return    # nothing else of the burst happened: no call, no ACK, no count
         self.burst = self.held_since = None
         self.finish(burst)
@@ -198,6 +210,17 @@ class Broker:
         for frames in burst.replies:
             self.router.send_multipart(frames)
         burst.replies.clear()
+
+    def lose(self, why: str) -> dict:
+        """The lease is gone: stop here (run() returns) and stand by again; the answer for the burst."""
+        log.error('lost the lease (%s): nothing more is committed or published here; standing by', why)
+        self.journal.lease = None
+        self.lost = self.stopping = True
+        try:
+            active = self.journal.lease_holder()['url']
+        except Exception:    # the database is what went away
+            active = None
+        return {'error': 'this front end is no longer the active one; nothing was started', 'active': active}
 
     def refuse(self, http, router: bool) -> None:
         """The journal is unreachable (PostgreSQL away): every request gets 503 at once, and worker
@@ -241,9 +264,19 @@ class Broker:
                 self.reload_keys()
             if self.clients:
                 self.clients.refresh()
-        if now >= self.prune_due:
+        # Both write in a transaction of their own: never while a burst's commit is held open.
+        if now >= self.prune_due and self.burst is None:
             self.prune_due = now + min(60.0, max(1.0, self.keep / 10))
-            self.prune()
+            try:
+                self.prune()
+            except LeaseLost as e:
+                self.lose(str(e))
+        if self.journal.lease and self.burst is None and now >= self.renew_due:
+            self.renew_due = now + RENEW_EVERY
+            try:
+                self.journal.renew_lease()
+            except LeaseLost as e:
+                self.lose(str(e))
         self.front.tick(now)
 
     def reload_keys(self) -> None:
@@ -277,11 +310,23 @@ class Broker:
             log.info('pruned %d runs older than %.0f days', n, self.keep / 86400)
         return n
 
-    def close(self) -> None:
+    def close(self, fronts: bool = True) -> None:
+        """Close the sockets (and the journal); with fronts=False the Mongrel2 ones stay, for a standby."""
         if self.auth:
             self.auth.stop()
-        for front in self.fronts:
-            front.close()
+        if fronts:
+            for front in self.fronts:
+                front.close()
         self.pub.close()
         self.router.close()
-        self.journal.close()
+        if fronts:
+            self.journal.close()
+
+
+def connect_fronts(ctx: zmq.Context, m2_recv: str, m2_send: str, m2_ident: str,
+                   m2_tls_recv: str | None = None, m2_tls_send: str | None = None) -> list[Connection]:
+    """The handler connections to Mongrel2: the plain front end, and the HTTPS one if configured."""
+    fronts = [Connection(ctx, m2_recv, m2_send, m2_ident)]
+    if m2_tls_recv:
+        fronts.append(Connection(ctx, m2_tls_recv, m2_tls_send, 'tls-' + m2_ident, tls=True))
+    return fronts

@@ -36,11 +36,13 @@ class Parser(argparse.ArgumentParser):
     def agent_options(self):
         """Flags shared by worker.py and semaphore.py: state, the broker, the front end."""
         self.option('--home', env='JOBZ_HOME', default=defaults.HOME, help='state folder')
-        self.option('--pub', env='JOBZ_PUB', default=defaults.PUB, help="broker's address for live calls")
+        self.option('--pub', env='JOBZ_PUB', default=defaults.PUB,
+                    help="broker's address for live calls; several front ends: comma-separated")
         self.option('--router', env='JOBZ_ROUTER', default=defaults.ROUTER,
-                    help="broker's address for sync and results")
+                    help="broker's address for sync and results; several front ends: comma-separated")
         self.option('--url', env='JOBZ_URL', default=defaults.URL,
-                    help='front-end base URL for on_success/on_failure (and $JOBZ_URL in commands)')
+                    help='front-end base URL for on_success/on_failure (and $JOBZ_URL in commands: the first); '
+                         'several front ends: comma-separated, a handler call goes to the next when one fails')
         self.option('--sync-interval', env='JOBZ_SYNC_INTERVAL', default=1.0, type=float,
                     help='seconds between syncs (heartbeats) with the broker')
         self.option('--rcvhwm', env='JOBZ_RCVHWM', default=1000, type=int,

@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import re
+import secrets
 import ssl
 import sys
 import time
@@ -24,26 +25,39 @@ class Failure(Exception):
 
 
 class Api:
-    """GET requests to the front end, answered with JSON."""
+    """GET requests to the front end, answered with JSON. With several front ends (one active, the
+    others standing by), a request that finds one down or standing by (503) goes to the next."""
 
-    def __init__(self, url: str, context: ssl.SSLContext | None, hint: str = '', timeout: float = 30.0):
-        self.url, self.context, self.hint, self.timeout = url, context, hint, timeout
+    def __init__(self, urls: list[str], context: ssl.SSLContext | None, hint: str = '', timeout: float = 30.0):
+        self.urls, self.context, self.hint, self.timeout = list(urls), context, hint, timeout
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]    # the one that answered last
 
     def get(self, path: str, **query) -> dict:
         query = {k: v for k, v in query.items() if v is not None}
-        url = f'{self.url}{path}?{urllib.parse.urlencode(query)}' if query else self.url + path
-        try:
-            with urllib.request.urlopen(url, timeout=self.timeout, context=self.context) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as e:
-            raise Failure(error_message(e.code, e.read())) from None
-        except (OSError, http.client.HTTPException) as e:    # refused, reset, timeout, TLS handshake
-            reason = getattr(e, 'reason', None) or e
-            raise Failure(f'cannot reach {self.url}: {reason}{self.hint}') from None
-        try:
-            return json.loads(body)
-        except ValueError:
-            raise Failure(f'{url}: the answer is not JSON: {body[:200]!r}') from None
+        tail = f'{path}?{urllib.parse.urlencode(query)}' if query else path
+        for i, base in enumerate(self.urls):
+            last = i == len(self.urls) - 1
+            try:
+                with urllib.request.urlopen(base + tail, timeout=self.timeout, context=self.context) as resp:
+                    body = resp.read()
+            except urllib.error.HTTPError as e:
+                if e.code == 503 and not last:
+                    continue    # standing by (or its journal away): the next front end
+                raise Failure(error_message(e.code, e.read())) from None
+            except (OSError, http.client.HTTPException) as e:    # refused, reset, timeout, TLS handshake
+                if not last:
+                    continue
+                reason = getattr(e, 'reason', None) or e
+                tried = f' (and {", ".join(self.urls[:-1])})' if len(self.urls) > 1 else ''
+                raise Failure(f'cannot reach {base}{tried}: {reason}{self.hint}') from None
+            self.urls = [base] + [u for u in self.urls if u != base]    # ask this one first next time
+            try:
+                return json.loads(body)
+            except ValueError:
+                raise Failure(f'{base + tail}: the answer is not JSON: {body[:200]!r}') from None
 
 
 def error_message(status: int, body: bytes) -> str:
@@ -100,7 +114,12 @@ def show(answer) -> None:
 
 # -- commands ----------------------------------------------------------------
 def cmd_start(api: Api, args) -> int:
-    run = api.get('/job_start', job_name=args.job, **args.params, key=args.idempotency_key)
+    key = args.idempotency_key
+    if key is None and len(api.urls) > 1:
+        # It may be tried on another front end after the first one took it and died before
+        # answering: a key of its own makes that start it at most once.
+        key = f'jobz-start-{secrets.token_hex(8)}'
+    run = api.get('/job_start', job_name=args.job, **args.params, key=key)
     run_id = run['run_id']
     if run['sanitized']:
         print(f"jobz: warning: characters removed from {', '.join(run['sanitized'])}", file=sys.stderr)
@@ -306,9 +325,10 @@ def global_options(parser, after: bool) -> None:
     group = parser.add_argument_group('global options (before or after the command)')
 
     def option(*flags, env=None, default=None, help='', **kw):
-        value = argparse.SUPPRESS if after else os.environ.get(env, default)
+        value = argparse.SUPPRESS if after else None if kw.get('action') == 'append' else os.environ.get(env, default)
         group.add_argument(*flags, default=value, help=f"{help} (default: {default or 'none'}; env {env})", **kw)
-    option('--url', env='JOBZ_URL', default=defaults.URL, help='the front end')
+    option('--url', env='JOBZ_URL', default=defaults.URL, action='append',
+           help='the front end; several (repeated, or comma-separated) are tried in turn')
     option('--cert', '--tls-cert', dest='cert', env='JOBZ_TLS_CERT', metavar='FILE',
            help='client certificate for an https:// front end (from jobz-ca client NAME)')
     option(*(['--tls-key'] if after else ['--key', '--tls-key']), dest='tls_key', env='JOBZ_TLS_KEY',
@@ -360,13 +380,17 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.params = dict(getattr(args, 'params', []))
-    url = args.url.rstrip('/')
-    if urllib.parse.urlsplit(url).scheme not in ('http', 'https') or not urllib.parse.urlsplit(url).netloc:
-        parser.error(f'--url {args.url!r}: give http://HOST:PORT or https://HOST:PORT')
+    given = args.url or [os.environ.get('JOBZ_URL', defaults.URL)]    # (--url appends: its default is set here)
+    urls = [u.strip().rstrip('/') for arg in given for u in arg.split(',') if u.strip()]
+    for url in urls:
+        if urllib.parse.urlsplit(url).scheme not in ('http', 'https') or not urllib.parse.urlsplit(url).netloc:
+            parser.error(f'--url {url!r}: give http://HOST:PORT or https://HOST:PORT')
+    if not urls:
+        parser.error('--url: give http://HOST:PORT or https://HOST:PORT')
     if bool(args.cert) != bool(args.tls_key):
         parser.error('--cert and --key go together')
     context, hint = None, ''
-    if url.startswith('https:'):
+    if any(url.startswith('https:') for url in urls):
         for flag, path in (('--cert', args.cert), ('--key', args.tls_key), ('--ca', args.ca)):
             if path and not os.path.isfile(path):
                 parser.error(f'{flag} {path}: no such file')
@@ -379,7 +403,7 @@ def main(argv=None) -> int:
         if missing:
             hint = f" (the https:// front end may want {' and '.join(missing)})"
     try:
-        return args.func(Api(url, context, hint), args)
+        return args.func(Api(urls, context, hint), args)
     except Failure as e:
         print(f'jobz: error: {e}', file=sys.stderr)
         return 1

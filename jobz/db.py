@@ -33,6 +33,7 @@ def open_db(where: str) -> 'SQLite | Postgres':
 
 class SQLite:
     engine = 'sqlite'
+    clock = "((julianday('now') - 2440587.5) * 86400.0)"    # SQL: the database's clock, seconds since 1970
     Error = sqlite3.Error
     Row = sqlite3.Row
 
@@ -60,6 +61,9 @@ class SQLite:
     @staticmethod
     def reachable(retry: bool = True) -> bool:
         return True    # a file: its failures are errors of a statement, not of a connection
+
+    def close(self) -> None:
+        self.conn.close()
 
     @property
     def in_transaction(self) -> bool:
@@ -109,6 +113,7 @@ class Postgres:
     synchronous_commit must stay `on` (PostgreSQL's default): then COMMIT returns once the
     commit is on disk (and on the synchronous standbys, if the operator has any)."""
     engine = 'postgresql'
+    clock = 'extract(epoch FROM clock_timestamp())::float8'    # now, not the transaction's start (now())
 
     def __init__(self, url: str):
         import psycopg    # only needed here: SQLite users need not install it
@@ -192,6 +197,9 @@ class Postgres:
     @property
     def in_transaction(self) -> bool:
         return self.conn.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.conn.close()
 
     @staticmethod
     def agg(expr: str) -> str:

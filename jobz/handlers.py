@@ -67,11 +67,22 @@ def fetch(url: str, timeout: float = 30.0, context=None) -> int:
         return resp.status
 
 
+def alternatives(url: str, fronts: list[str]) -> list[str]:
+    """`url`, then the same path on each other front end when it is on one of them (several front ends:
+    one is active, the others stand by and answer 503, or are down)."""
+    for base in fronts:
+        if url.startswith(base.rstrip('/') + '/'):
+            rest = url[len(base.rstrip('/')):]
+            return [url] + [other.rstrip('/') + rest for other in fronts if other != base]
+    return [url]
+
+
 class HandlerCalls:
     """The handler URLs still to call, in the agent's database; `write()` is its turn's transaction."""
 
-    def __init__(self, db, write, tls=None):
+    def __init__(self, db, write, tls=None, fronts=()):
         self.db, self.write = db, write
+        self.fronts = list(fronts)      # the front ends' base URLs (--url), the first one first
         self.tls = tls                  # SSLContext with our client certificate, for https:// handlers
         db.executescript(SCHEMA)
         self.due = 0.0                  # monotonic time to look for calls due
@@ -130,7 +141,17 @@ class HandlerCalls:
     def _call_url(self, row_id: int, url: str) -> None:
         """Runs in a pool thread; reports back through a queue and the wake pipe."""
         try:
-            status = fetch(url, context=self.tls if url.startswith('https:') else None)
+            status, error = None, None
+            for target in alternatives(url, self.fronts):
+                try:
+                    status = fetch(target, context=self.tls if target.startswith('https:') else None)
+                except OSError as e:
+                    status, error = None, e
+                    continue    # that front end is down: the next one
+                if status != 503:
+                    break    # 503: a standby (or its journal away); the next front end may be the active one
+            if status is None:
+                raise error
             ok = status < 500
             if 400 <= status < 500:
                 log.error('handler call %s refused with HTTP %d; not retrying', url, status)

@@ -84,8 +84,20 @@ CREATE TABLE IF NOT EXISTS workers (        -- the registry, so a restarted brok
     last_seen DOUBLE PRECISION NOT NULL
 );
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS lease (          -- which broker is active, when several share the journal (lease.py)
+    name    TEXT PRIMARY KEY,
+    holder  TEXT,                           -- the active broker (host/pid/random), or NULL
+    url     TEXT,                           -- the URL of its front end, for clients that reach a standby
+    epoch   BIGINT NOT NULL DEFAULT 0,      -- +1 at every take-over: a broker's commits carry the epoch it took
+    expires DOUBLE PRECISION NOT NULL DEFAULT 0   -- the database's clock, in seconds since 1970
+);
+INSERT INTO lease (name) VALUES ('broker') ON CONFLICT DO NOTHING;
 """
-SCHEMA_VERSION = 2    # 1: before pool retries waited (no pool.due); 2: written down from here on
+SCHEMA_VERSION = 3    # 1: before pool retries waited (no pool.due); 2: written down from here on; 3: lease
+
+
+class LeaseLost(Exception):
+    """Another broker took the lease: this one may not commit (nor publish what it did not commit)."""
 MAX_OUTPUT = 1 << 20    # characters of output kept per run and worker
 IS_OPEN = f'IN {OPEN_STATES!r}'    # SQL: a worker's state is still open (the names are plain words)
 SET_RESULT = ("INSERT INTO results (run_id, worker, state, rc, signal, reason, started, finished, output_tail) "
@@ -138,6 +150,10 @@ class Journal:
         self.upgrade()
         self.heads, self.pool_heads = self._heads()
         self.stale = False
+        self.shared = self.db.engine == 'postgresql'    # several brokers may use it: one at a time (lease.py)
+        self.lease: tuple | None = None    # (holder, epoch, seconds) while this broker holds the lease
+        self.fenced_at = 0.0               # monotonic time of the last commit that proved the lease
+        self.begun = 0                     # changes() when the transaction began
 
     def upgrade(self) -> None:
         """Bring a journal written by an older jobz to this schema, in one transaction."""
@@ -151,20 +167,85 @@ class Journal:
             self.db.rollback()
             raise RuntimeError(f'the journal {self.db.describe()} was written by a newer jobz '
                                f'(schema {version}; this one knows {SCHEMA_VERSION})')
-        # A later change: `elif version < 3:` the change, then UPDATE schema_version.
+        elif version < SCHEMA_VERSION:    # 2 -> 3: the lease table, which the schema script made
+            self.db.execute('UPDATE schema_version SET version = ?', (SCHEMA_VERSION,))
         self.db.commit()
 
     def begin(self) -> None:
         if not self.db.in_transaction:
             self.db.begin()
+            self.begun = self.db.changes
             if self.stale:    # after a rollback: the sequence heads as the journal has them
                 self.heads, self.pool_heads = self._heads()
                 self.stale = False
 
     def commit(self) -> None:
-        """Make everything since begin() durable (SQLite synchronous=FULL, or PostgreSQL's COMMIT)."""
+        """Make everything since begin() durable (SQLite synchronous=FULL, or PostgreSQL's COMMIT).
+
+        On a shared (PostgreSQL) journal a transaction that wrote anything proves first that this
+        broker still holds the lease, and renews it (LeaseLost if not: then nothing of it is committed)."""
         if self.db.in_transaction:
+            if self.shared and self.db.changes != self.begun:
+                self._fence()
             self.db.commit()
+            if self.lease:
+                self.fenced_at = time.monotonic()
+
+    # -- the lease: one active broker among several (lease.py says why this is safe) --------------
+    def take_lease(self, holder: str, url: str, seconds: float) -> bool:
+        """Take the lease if it ran out (one transaction, committed); True if it is ours now."""
+        now = self.db.clock
+        self.db.begin()
+        try:
+            row = self.db.execute(f'UPDATE lease SET holder = ?, url = ?, epoch = epoch + 1, expires = {now} + ? '
+                                  f"WHERE name = 'broker' AND expires < {now} RETURNING epoch",
+                                  (holder, url, seconds)).fetchone()
+            self.db.commit()
+        except Exception:
+            self.db.rollback()
+            raise
+        if row is None:
+            return False
+        self.lease, self.fenced_at, self.stale = (holder, row[0], seconds), time.monotonic(), True
+        return True
+
+    def _fence(self) -> None:
+        if self.lease is None:    # never had it, or lost it: a shared journal takes writes only from the holder
+            raise LeaseLost('this broker does not hold the lease')
+        holder, epoch, seconds = self.lease
+        now = self.db.clock
+        cur = self.db.execute(f"UPDATE lease SET expires = {now} + ? WHERE name = 'broker' AND holder = ? "
+                              f'AND epoch = ? AND expires > {now}', (seconds, holder, epoch))
+        if cur.rowcount != 1:
+            self.lease = None
+            raise LeaseLost(f'lease {epoch} of {holder} ran out or was taken over')
+
+    def renew_lease(self) -> None:
+        """Prove and renew the lease in a transaction of its own (LeaseLost if it is gone)."""
+        self.begin()
+        try:
+            self._fence()
+            self.db.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        self.fenced_at = time.monotonic()
+
+    def release_lease(self) -> None:
+        """Stopping cleanly: let a standby take over at once instead of waiting for the lease to run out."""
+        if self.lease and self.reachable(retry=False):
+            holder, epoch, _ = self.lease
+            self.begin()
+            self.db.execute("UPDATE lease SET expires = 0 WHERE name = 'broker' AND holder = ? AND epoch = ?",
+                            (holder, epoch))
+            self.db.commit()
+        self.lease = None
+
+    def lease_holder(self) -> dict:
+        """{holder, url, epoch, left}: who holds the lease and for how many seconds more (negative: ran out)."""
+        row = self.db.execute(f"SELECT holder, url, epoch, expires - {self.db.clock} FROM lease "
+                              "WHERE name = 'broker'").fetchone()
+        return {'holder': row[0], 'url': row[1], 'epoch': row[2], 'left': row[3]}
 
     def rollback(self) -> None:
         self.db.rollback()

@@ -1,0 +1,243 @@
+"""Two front ends on one PostgreSQL journal: one broker active, the other standing by, taking over
+when the active one dies; a paused broker that lost its lease commits and publishes nothing.
+
+Both front ends run on this host (each its own Mongrel2 and broker, on their own ports); the
+workers and the semaphore connect to both. test_multihost-style hosts in network namespaces are
+in test_failover_hosts.py."""
+import collections
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import zmq
+
+from conftest import TestStack, assert_each_ran_once, wait_for
+from jobz.journal import Journal, LeaseLost
+
+JOBS = r"""
+count:
+  command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt"
+crunch:
+  command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt"
+  run_on: one
+step1:
+  command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt"
+  run_on: one
+  on_success: "/job_start?job_name=step2&n=%(n)s"
+step2:
+  command: "echo %(n)s >> {out}/step2-$JOBZ_WORKER.txt"
+  params: {n: '\d+'}
+part:
+  command: "true"
+  run_on: one
+  on_success: "/job_start?job_name=gate&batch=%(batch)s"
+gate:
+  semaphore: {count: 20, key: batch}
+  on_success: "/job_start?job_name=after&batch=%(batch)s"
+after:
+  command: "echo %(batch)s >> {out}/after-$JOBZ_WORKER.txt"
+"""
+WORKERS = ('w1', 'w2')
+
+
+def get(url: str, timeout: float = 10.0) -> tuple:
+    """(status, JSON body), or ('down', None) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b'null')
+    except OSError:
+        return 'down', None
+
+
+class Fronts:
+    """Front ends a and b on one journal; workers, connected to both, live in a's folder."""
+
+    def __init__(self, tmp_path, journal: str):
+        self.a = TestStack(str(tmp_path / 'a'), JOBS)
+        self.b = TestStack(str(tmp_path / 'b'), JOBS)
+        for s in (self.a, self.b):
+            s.journal = journal
+            s.broker_args = ['--front-url', s.url, '--worker-timeout', '5']
+        links = ['--pub', f"{self.a.addr('pub')},{self.b.addr('pub')}",
+                 '--router', f"{self.a.addr('router')},{self.b.addr('router')}", '--url', f'{self.a.url},{self.b.url}']
+        self.a.links = lambda: links
+
+    def start(self) -> None:
+        self.a.start(WORKERS)    # a's broker comes first: it takes the lease
+        self.b.start_broker()
+        self.b.start_mongrel2()
+        wait_for(lambda: get(self.b.url + '/health') == (503, standby(self.a.url)), 15, 'b standing by')
+
+    def stop(self) -> None:
+        self.a.stop_all()
+        self.b.stop_all()
+
+
+def standby(active: str) -> dict:
+    return {'error': 'this front end is standing by; ask the active one', 'active': active}
+
+
+@pytest.fixture
+def fronts(tmp_path, postgres):
+    f = Fronts(tmp_path, postgres.new_database())
+    try:
+        f.start()
+        yield f
+    finally:
+        f.stop()
+
+
+class Client(threading.Thread):
+    """Triggers with keys, each sent to a and then, if a is down or standing by, to b (as a cron line
+    with two URLs and retries does); keeps the run ids accepted and when each front end first said 200."""
+
+    def __init__(self, fronts: Fronts, queries, pace: float):
+        super().__init__(daemon=True)
+        self.urls = [fronts.a.url, fronts.b.url]
+        self.queries, self.pace = queries, pace
+        self.accepted: dict[str, str] = {}    # key -> run id
+        self.first_200 = {}    # url -> when it first answered 200 (monotonic)
+        self.statuses = collections.Counter()
+
+    def run(self) -> None:
+        for i, query in enumerate(self.queries):
+            key = f'k{i}-{query.split("=")[1].split("&")[0]}'
+            deadline = time.monotonic() + 30
+            while key not in self.accepted and time.monotonic() < deadline:    # as curl --retry would
+                for url in self.urls:
+                    status, body = get(f'{url}/job_start?{query}&key={key}', timeout=15)
+                    self.statuses[status] += 1
+                    if status == 200:
+                        self.accepted[key] = body['run_id']
+                        self.first_200.setdefault(url, time.monotonic())
+                        break
+                else:
+                    time.sleep(0.1)
+            time.sleep(self.pace)
+
+
+def ran(stack, worker: str) -> collections.Counter:
+    return collections.Counter(stack.lines(f'ran-{worker}.txt'))
+
+
+def test_the_standby_takes_over_when_the_active_broker_dies_and_nothing_runs_twice(fronts):
+    a, b = fronts.a, fronts.b
+    queries = [q for i in range(60) for q in (f'job_name=count&i={i}', f'job_name=crunch&i={i}',
+                                              f'job_name=step1&n={i}', f'job_name=part&batch=x{i // 20}')]
+    client = Client(fronts, queries, pace=0.01)
+    client.start()
+    wait_for(lambda: len(client.accepted) >= 60, 30, '60 accepted on a')
+    killed = time.monotonic()
+    a.stop('broker', signal.SIGKILL)    # the front end's host dies: its broker and its Mongrel2
+    a.stop('mongrel2', signal.SIGKILL)
+    client.join(120)
+    assert not client.is_alive()
+    assert client.first_200.get(b.url), client.statuses
+    assert client.first_200[b.url] - killed < 10, 'b took over within 10 s'
+    assert len(client.accepted) == len(queries), client.statuses    # every trigger found a front end
+    a.url = b.url    # from here on the checks ask b, the active front end
+    by_job = collections.defaultdict(list)
+    for key, run_id in client.accepted.items():
+        by_job[key.split('-')[1]].append(run_id)
+    # Broadcast calls: once on each worker. Pool calls: once on one of them.
+    assert_each_ran_once(a, 'count', by_job['count'], workers=WORKERS, timeout=60)
+    pool = collections.Counter()
+    for w in WORKERS:
+        pool.update(r for r in ran(a, w) if r in set(by_job['crunch']))
+    assert set(pool) == set(by_job['crunch']) and set(pool.values()) == {1}, pool.most_common(3)
+    # Chains: each step1 led to one step2 per worker; each fan-in gate of 20 released once.
+    wait_for(lambda: all(len(a.lines(f'step2-{w}.txt')) == 60 for w in WORKERS), 60, 'every step2')
+    for w in WORKERS:
+        assert sorted(map(int, a.lines(f'step2-{w}.txt'))) == list(range(60))
+        wait_for(lambda: len(a.lines(f'after-{w}.txt')) == 3, 60, 'three gates released')
+        assert sorted(a.lines(f'after-{w}.txt')) == ['x0', 'x1', 'x2']
+
+
+def test_a_paused_broker_that_lost_its_lease_commits_and_publishes_nothing_and_stands_by(fronts):
+    a, b = fronts.a, fronts.b
+    spy = zmq.Context.instance().socket(zmq.SUB)    # everything a's broker publishes
+    spy.subscribe(b'')
+    spy.connect(a.addr('pub'))
+    try:
+        before = a.start_job('job_name=count')['run_id']
+        a.wait_run(before)
+        os.kill(a.procs['broker'].pid, signal.SIGSTOP)    # paused: a long GC, a frozen VM
+        wait_for(lambda: get(b.url + '/health')[0] == 200, 15, 'b taking over')
+        # Triggers to a while it is paused wait in Mongrel2 for it; b runs others meanwhile.
+        waiting = collections.Counter()
+        threads = [threading.Thread(target=lambda i=i: waiting.update(
+            [json.dumps(get(f'{a.url}/job_start?job_name=count&key=paused{i}', timeout=30))]))
+            for i in range(5)]
+        for t in threads:
+            t.start()
+        on_b = b.start_job('job_name=count')['run_id']
+        time.sleep(0.5)    # let the five reach a's Mongrel2 (nothing to wait on: a is paused)
+        while spy.poll(0):
+            spy.recv_multipart()    # what a published before its pause
+        os.kill(a.procs['broker'].pid, signal.SIGCONT)
+        for t in threads:
+            t.join(30)
+        answers = [json.loads(k) for k in waiting.elements()]
+        assert len(answers) == 5
+        for status, body in answers:
+            assert status == 503 and body['active'] == b.url, (status, body)
+        assert spy.poll(2000) == 0, 'a published after it lost its lease'
+        assert get(a.url + '/health') == (503, standby(b.url))    # a stands by now
+        runs = get(b.url + '/runs?job=count&limit=100')[1]['runs']
+        assert not [r for r in runs if (r['key'] or '').startswith('paused')], 'a committed after its lease'
+        a.url, on_a = b.url, a.url    # checks through the active front end
+        assert_each_ran_once(a, 'count', [before, on_b], workers=WORKERS)
+        with open(os.path.join(a.log_dir, 'broker.log')) as f:
+            assert 'lost the lease' in f.read()
+        # Back from the dead, it rejoins as a standby: kill b, and a takes over again.
+        b.stop('broker', signal.SIGKILL)
+        wait_for(lambda: get(on_a + '/health')[0] == 200, 15, 'a active again')
+    finally:
+        spy.close(0)
+
+
+def test_a_commit_after_the_lease_was_taken_over_is_refused_and_leaves_nothing(postgres):
+    """The fence itself, on two journals of one database: a broker whose lease ran out and was taken
+    while its transaction was open commits nothing of it."""
+    url = postgres.new_database()
+    old, new = Journal(url), Journal(url)
+    assert old.take_lease('old', 'http://old', 0.5) and not new.take_lease('new', 'http://new', 0.5)
+    old.begin()
+    old.add_run('r1', 'count', 'count', {}, [], 'k1', [])    # ... and then the broker is paused
+    wait_for(lambda: new.take_lease('new', 'http://new', 5.0), 5, 'the lease to run out and be taken')
+    with pytest.raises(LeaseLost):
+        old.commit()
+    old.rollback()
+    assert new.run_by_key('k1') is None and new.lease_holder()['url'] == 'http://new'
+    with pytest.raises(LeaseLost):    # and it stays lost: nothing more is committed
+        old.renew_lease()
+
+
+def test_a_take_over_waits_for_a_commit_that_proved_the_lease_and_then_finds_it_renewed(postgres):
+    """The other order: the active broker proves its lease (the row stays locked until its COMMIT)
+    shortly before it would run out; a standby that tries to take over once it has run out waits
+    for that commit, then finds the lease renewed, and sees what was committed under it."""
+    url = postgres.new_database()
+    old, new = Journal(url), Journal(url)
+    assert old.take_lease('old', 'http://old', 2.0)    # runs out at T+2 as committed
+    old.begin()
+    old.add_run('r1', 'count', 'count', {}, [], 'k1', [])
+    time.sleep(1.5)
+    old._fence()    # what commit() does last: runs out at T+3.5, once committed; the row is locked
+    time.sleep(1.0)    # T+2.5: as committed, the lease ran out
+    taken = []
+    taker = threading.Thread(target=lambda: taken.append(new.take_lease('new', 'http://new', 2.0)))
+    taker.start()
+    taker.join(0.5)
+    assert taker.is_alive(), 'the take-over waits for the lock'
+    old.db.commit()    # T+3: before T+3.5
+    taker.join(5)
+    assert taken == [False] and new.lease_holder()['holder'] == 'old'
+    assert new.run_by_key('k1') == 'r1'
