@@ -131,9 +131,11 @@ def broadcast(stack) -> float:
             stack.stop(name)
 
 
-def measure(tmp: str, args) -> dict[str, float]:
-    """One round, in a subfolder of tmp."""
+def measure(tmp: str, args, journal=None) -> dict[str, float]:
+    """One round, in a subfolder of tmp; journal() gives a PostgreSQL URL for the broker (default: SQLite)."""
     stack = stacks.make_stack(tempfile.mkdtemp(dir=tmp), JOBS_YAML, args.concurrency)
+    if journal:
+        stack.journal = journal()
     out = {}
     try:
         stacks.start(stack, WORKERS, SEMAPHORES)

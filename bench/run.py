@@ -7,7 +7,9 @@ Redis, RQ with its forking Worker and with SimpleWorker, the raw spawn limit) an
 (bench/front.py: wrk against a bare Mongrel2 handler and against the broker). Then, once: the
 cost of growth (bench/growth.py: memory and latency from 1,000 to 100,000 journaled runs,
 catch-up of 10,000 missed calls), the latency floor (bench/floor.py) and scale (bench/scale.py:
-work pools from 1 to 8 workers next to Celery, one broker with 50 to 300 workers).
+work pools from 1 to 8 workers next to Celery, one broker with 50 to 300 workers). Each round also
+runs jobz's measures again with the journal in PostgreSQL (a throwaway cluster, jobz/postgres.py),
+and once at the end bench/failover.py kills the active one of two front ends, several times.
 
 Prints markdown tables (medians over the rounds, min – max) side by side, each ratio to jobz
 and the issue's targets, met or not; --write also saves the report to bench/RESULTS.md.
@@ -27,12 +29,14 @@ import zmq
 
 import common
 import dispatch
+import failover
 import floor
 import front
 import growth
 import peers
 import scale
 import stacks
+from jobz.postgres import Cluster
 
 SYSTEMS = ('jobz', 'Celery+Redis', 'RQ Worker (fork)', 'RQ SimpleWorker', 'raw')
 CELERY, RQ_FORK, RQ_SIMPLE = 'Celery+Redis prefork', 'RQ Worker (fork per job)', 'RQ SimpleWorker'
@@ -113,6 +117,32 @@ def targets(jobz: dict, peer: dict, fronts: dict, grown: dict, args) -> list[str
         for what, value, unit, met in checks]
 
 
+def postgres(jobz: dict, pg: dict, peer: dict, failed_over: dict) -> list[str]:
+    """The PostgreSQL journal next to SQLite's and Celery, its targets, and the failover."""
+    rows = [(name, metric, peer_metric) for name, metric, (peer_metric, *_) in ROWS[:5]]
+    lines = ['| measure | jobz, SQLite journal | jobz, PostgreSQL journal | Celery+Redis | PostgreSQL ÷ SQLite '
+             '| PostgreSQL ÷ Celery |', '|---|---:|---:|---:|---:|---:|']
+    for name, metric, peer_metric in rows:
+        a, b, c = jobz[metric][0], pg[metric][0], peer[peer_metric][0]
+        lines.append(f'| {name} | {common.fmt(a)} | {common.fmt(b)} | {common.fmt(c)} | {b / a:.2f} | {b / c:.2f} |')
+    med = failed_over['failover: last 200 from the old → first 200 from the new, median (s)']
+    checks = [
+        ('PostgreSQL journal: throughput ≥ 1.5 × Celery',
+         pg['throughput `true` (jobs/s)'][0] / peer[f'{CELERY} throughput (jobs/s)'][0], '×', lambda v: v >= 1.5),
+        ('PostgreSQL journal: trigger → start p99 ≤ 10 ms at 50/s', pg['trigger → command start p99 (ms)'][0],
+         'ms', lambda v: v <= 10),
+        ('failover ≤ 5 s (median)', med, 's', lambda v: v <= 5),
+    ]
+    return lines + ['', 'Failover (bench/failover.py, one run): two front ends on one PostgreSQL journal, keyed '
+                    'triggers at 50/s to whichever is active, the active one killed (broker and Mongrel2, '
+                    'SIGKILL) again and again; the killed one comes back as the standby.', '',
+                    '| measure | value |', '|---|---:|'] + [
+        f'| {k} | {common.fmt(v)} |' for k, v in failed_over.items()] + [
+        '', '| target | this run | |', '|---|---:|---|'] + [
+        f'| {what} | {value:.2f} {unit} | {"met" if met(value) else "**missed**"} |'
+        for what, value, unit, met in checks]
+
+
 def cpu_floor(jobz: dict, peer: dict) -> list[str]:
     """What two cores allow, from the CPU every job took (all processes and commands, medians)."""
     job, noop, part = (jobz[m][0] for m in ('CPU per job, `true` (ms)', 'CPU per job, no-op (ms)',
@@ -147,8 +177,9 @@ def git_head() -> str:
     return got.stdout.strip() or 'an unknown commit'
 
 
-def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, scaled, elapsed) -> str:
-    jobz, peer, fronts = (common.summarize(r) for r in (jobz_rounds, peer_rounds, front_rounds))
+def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, scaled, pg_rounds, failed_over,
+           elapsed) -> str:
+    jobz, peer, fronts, pg = (common.summarize(r) for r in (jobz_rounds, peer_rounds, front_rounds, pg_rounds))
     return '\n'.join([
         '# jobz benchmark results', '',
         f'`make bench` (bench/run.py --repeat {args.repeat}) on {time.strftime("%Y-%m-%d")}, '
@@ -173,7 +204,16 @@ def report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, scaled, 
         'broker, which commits before it publishes; the worker commits "started" before it spawns.', '',
         common.table([floors]), '',
         '## Targets', '', *targets(jobz, peer, fronts, grown, args), '',
-        '## Scale: work pools and many workers (bench/scale.py, one run)', '', scale.report(scaled, args), ''])
+        '## Scale: work pools and many workers (bench/scale.py, one run)', '', scale.report(scaled, args), '',
+        '## The journal on PostgreSQL, and failover', '',
+        f'The same jobz measures in the same rounds with `--journal postgresql://…` (PostgreSQL {pg_version()}, '
+        'synchronous_commit on, a throwaway cluster on loopback); medians of the rounds.', '',
+        *postgres(jobz, pg, peer, failed_over), ''])
+
+
+def pg_version() -> str:
+    got = subprocess.run(['dpkg-query', '-W', '-f', '${Version}', 'postgresql'], capture_output=True, text=True)
+    return got.stdout.strip() or '?'
 
 
 def main(argv=None) -> int:
@@ -185,6 +225,7 @@ def main(argv=None) -> int:
     growth.add_arguments(ap)
     floor.add_arguments(ap)
     scale.add_arguments(ap)
+    ap.add_argument('--kills', type=int, default=5, help='front ends killed for the failover (default: 5)')
     args = ap.parse_args(argv)
     args.broadcast_workers, args.broadcasts = dispatch.BROADCAST, dispatch.BROADCAST_TRIES    # for peers
     os.environ['JOBZ_LOG_LEVEL'] = args.log_level    # read by every jobz process the stacks start
@@ -194,12 +235,15 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # unwind (and stop everything) as on Ctrl-C
     began = time.monotonic()
     tmp = tempfile.mkdtemp(prefix='jobz-bench-')
-    jobz_rounds, peer_rounds, front_rounds = [], [], []
+    jobz_rounds, peer_rounds, front_rounds, pg_rounds = [], [], [], []
+    cluster = None
     try:
+        cluster = Cluster().start()
         with peers.redis_running(tmp):
             for k in range(args.repeat):
                 for name, rounds, measure in (
                         ('jobz', jobz_rounds, lambda: dispatch.measure(tmp, args)),
+                        ('jobz on PostgreSQL', pg_rounds, lambda: dispatch.measure(tmp, args, cluster.new_database)),
                         ('peers', peer_rounds, lambda: peers.one_round(tmp, k, args)),
                         ('front end', front_rounds, lambda: front.measure(tempfile.mkdtemp(dir=tmp), args))):
                     print(f'round {k + 1}/{args.repeat}: {name}…', file=sys.stderr, flush=True)
@@ -212,9 +256,14 @@ def main(argv=None) -> int:
         print('latency floor…', file=sys.stderr, flush=True)
         floors = floor.measure(tmp, args)
         problems = common.log_problems(tmp, peers.PROBLEMS, stacks.M2_NOISE + peers.NOISE)
+        print('failover…', file=sys.stderr, flush=True)
+        failed_over = failover.measure(args.kills, failover.RATE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    text = report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, scaled, time.monotonic() - began)
+        if cluster:
+            cluster.remove()
+    text = report(args, jobz_rounds, peer_rounds, front_rounds, grown, floors, scaled, pg_rounds, failed_over,
+                  time.monotonic() - began)
     if problems:    # a run with errors in its logs is worth a look before anyone quotes it
         text += (f'\n## Warnings in the logs\n\n{len(problems)} line(s), the first ones:\n\n'
                  + '\n'.join(f'    {line}' for line in problems[:10]) + '\n')

@@ -4,6 +4,7 @@ Every stack runs the real processes (Mongrel2, broker, workers, semaphores) on f
 ports, with its job file, state and logs in one folder. Results are read from the broker's
 journal, opened read-only.
 """
+import contextlib
 import http.client
 import json
 import os
@@ -17,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import common  # noqa: F401  (puts the project root on sys.path)
+from jobz.db import open_db
 from jobz.harness import LocalStack, free_port, wait_for
 from jobz.protocol import FINAL_STATES
 from jobz.stack import Stack
@@ -48,7 +50,8 @@ def start(stack: Stack, workers: dict[str, str], semaphores: dict[str, str] | No
 
 
 def journal(stack: Stack) -> str:
-    return os.path.join(stack.home, 'journal.db')
+    """Where the stack's broker journals: its PostgreSQL URL, or the SQLite file in its home."""
+    return stack.journal or os.path.join(stack.home, 'journal.db')
 
 
 # -- HTTP clients ------------------------------------------------------------------------------
@@ -193,7 +196,15 @@ def parse_wrk(out: str) -> dict:
 
 
 # -- reading the journal (read-only) -------------------------------------------------------------
-def open_ro(path: str) -> sqlite3.Connection:
+_postgres: dict = {}    # URL -> one connection, kept: a new one per poll would cost more than the poll
+
+
+def open_ro(path: str):
+    """For `with open_ro(journal) as db`: the SQLite file read-only, or a PostgreSQL journal's URL."""
+    if path.startswith('postgresql://'):
+        if path not in _postgres:
+            _postgres[path] = open_db(path)    # autocommit: every SELECT sees the latest commit
+        return contextlib.nullcontext(_postgres[path])
     # Autocommit: every SELECT sees the latest commit of the writer (WAL).
     return sqlite3.connect(f'file:{path}?mode=ro', uri=True, isolation_level=None, timeout=10)
 

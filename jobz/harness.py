@@ -7,6 +7,7 @@ triggers fired from a thread, and the final state of every run on every worker.
 import collections
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -18,12 +19,22 @@ from .stack import Stack
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (all bound at once, then released)."""
-    socks = [socket.create_server(('127.0.0.1', 0)) for _ in range(n)]
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    """n distinct free loopback ports (all bound at once, then released).
+
+    Drawn below the kernel's range for outgoing connections (ip_local_port_range, 32768 and up
+    here): a port from that range can be taken by any client's connection (to PostgreSQL, say)
+    between our check and the server's bind."""
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n:
+            try:
+                socks.append(socket.create_server(('127.0.0.1', random.randrange(20000, 32000))))
+            except OSError:
+                continue    # taken: draw again
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def free_port() -> int:
@@ -92,9 +103,12 @@ class LocalStack(Stack):
     def wait_run(self, run_id: str, states=RUN_ENDED, timeout: float = 15.0) -> dict:
         def reached():
             try:
-                status = self.status(run_id)
+                code, status = self.get('/job_status?run_id=' + run_id)
             except OSError:    # a request on its way when the broker went (a restart): ask again
                 return None
+            if code == 503:    # a restarted broker standing by until its old lease runs out (PostgreSQL)
+                return None
+            assert code == 200, status
             return status if status['state'] in states else None
         return wait_for(reached, timeout, f'run {run_id} to reach {states}')
 
@@ -115,6 +129,50 @@ class LocalStack(Stack):
             with open(os.path.join(self.log_dir, name), errors='replace') as f:
                 out.append(f'--- {name}\n' + f.read()[-4000:])
         return '\n'.join(out)
+
+
+class TwoFronts:
+    """Two front ends (Mongrel2 and broker each) on one PostgreSQL journal: a starts first and is
+    active, b stands by. Workers and semaphores, connected to both, live in a's folder."""
+
+    def __init__(self, folder: str, jobs_yaml: str, journal: str, stack=LocalStack):
+        self.a = stack(os.path.join(folder, 'a'), jobs_yaml)
+        self.b = stack(os.path.join(folder, 'b'), jobs_yaml)
+        for s in (self.a, self.b):
+            s.journal = journal
+            s.broker_args = ['--front-url', s.url, '--worker-timeout', '5']
+        links = ['--pub', f"{self.a.addr('pub')},{self.b.addr('pub')}",
+                 '--router', f"{self.a.addr('router')},{self.b.addr('router')}", '--url', f'{self.a.url},{self.b.url}']
+        self.a.links = lambda: links
+
+    def start(self, workers=('w1', 'w2'), semaphore: bool = True) -> None:
+        self.a.start(workers, semaphore)    # a's broker comes first: it takes the lease
+        self.start_front(self.b, active=self.a)
+
+    @staticmethod
+    def start_front(stack: LocalStack, active: LocalStack) -> None:
+        """Start a front end (again) and wait until it stands by, naming `active`."""
+        stack.start_broker()
+        stack.start_mongrel2()
+        wait_for(lambda: http_or_down(stack.url + '/health') == (503, standing_by(active.url)), 15,
+                 f'{stack.url} standing by')
+
+    def stop(self) -> None:
+        self.a.stop_all()
+        self.b.stop_all()
+
+
+def standing_by(active: str) -> dict:
+    """What a standby answers every request (with 503)."""
+    return {'error': 'this front end is standing by; ask the active one', 'active': active}
+
+
+def http_or_down(url: str, timeout: float = 10.0) -> tuple:
+    """(status, JSON body) of a GET, or ('down', None) when nothing answers."""
+    try:
+        return http(url, timeout=timeout)
+    except OSError:
+        return 'down', None
 
 
 class Triggers(threading.Thread):

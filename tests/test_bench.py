@@ -29,3 +29,12 @@ def test_scale_benchmark_runs_and_reports_every_table():
         assert float(rows[row][0].replace(',', '')) > 0 and float(rows[row][1].replace(',', '')) > 0, got.stdout
     assert 'pool efficiency ≥ 90 % up to 2 workers' in got.stdout and '3 workers: idle broker' in got.stdout
     assert 'warning/error line' not in got.stdout, got.stdout
+
+
+def test_failover_benchmark_kills_a_front_end_and_reports_the_time():
+    got = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'failover.py'), '--kills', '2'],
+                         capture_output=True, text=True, timeout=110)
+    assert got.returncode == 0, got.stderr[-3000:]
+    rows = dict(re.findall(r'^\| (.+?) \| ([\d,.]+) \|', got.stdout, re.M))
+    assert 0 < float(rows['failover: last 200 from the old → first 200 from the new, median (s)']) < 30, got.stdout
+    assert rows['kills'] == '2.00' and float(rows['triggers accepted, each run once per worker']) > 0, got.stdout

@@ -10,13 +10,12 @@ import os
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import zmq
 
 from conftest import TestStack, assert_each_ran_once, wait_for
+from jobz.harness import TwoFronts, http_or_down, standing_by
 from jobz.journal import Journal, LeaseLost
 
 JOBS = r"""
@@ -45,50 +44,14 @@ after:
 WORKERS = ('w1', 'w2')
 
 
-def get(url: str, timeout: float = 10.0) -> tuple:
-    """(status, JSON body), or ('down', None) when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b'null')
-    except OSError:
-        return 'down', None
-
-
-class Fronts:
-    """Front ends a and b on one journal; workers, connected to both, live in a's folder."""
-
-    def __init__(self, tmp_path, journal: str):
-        self.a = TestStack(str(tmp_path / 'a'), JOBS)
-        self.b = TestStack(str(tmp_path / 'b'), JOBS)
-        for s in (self.a, self.b):
-            s.journal = journal
-            s.broker_args = ['--front-url', s.url, '--worker-timeout', '5']
-        links = ['--pub', f"{self.a.addr('pub')},{self.b.addr('pub')}",
-                 '--router', f"{self.a.addr('router')},{self.b.addr('router')}", '--url', f'{self.a.url},{self.b.url}']
-        self.a.links = lambda: links
-
-    def start(self) -> None:
-        self.a.start(WORKERS)    # a's broker comes first: it takes the lease
-        self.b.start_broker()
-        self.b.start_mongrel2()
-        wait_for(lambda: get(self.b.url + '/health') == (503, standby(self.a.url)), 15, 'b standing by')
-
-    def stop(self) -> None:
-        self.a.stop_all()
-        self.b.stop_all()
-
-
-def standby(active: str) -> dict:
-    return {'error': 'this front end is standing by; ask the active one', 'active': active}
+get = http_or_down
 
 
 @pytest.fixture
 def fronts(tmp_path, postgres):
-    f = Fronts(tmp_path, postgres.new_database())
+    f = TwoFronts(str(tmp_path), JOBS, postgres.new_database(), stack=TestStack)
     try:
-        f.start()
+        f.start(WORKERS)
         yield f
     finally:
         f.stop()
@@ -98,7 +61,7 @@ class Client(threading.Thread):
     """Triggers with keys, each sent to a and then, if a is down or standing by, to b (as a cron line
     with two URLs and retries does); keeps the run ids accepted and when each front end first said 200."""
 
-    def __init__(self, fronts: Fronts, queries, pace: float):
+    def __init__(self, fronts: TwoFronts, queries, pace: float):
         super().__init__(daemon=True)
         self.urls = [fronts.a.url, fronts.b.url]
         self.queries, self.pace = queries, pace
@@ -189,7 +152,7 @@ def test_a_paused_broker_that_lost_its_lease_commits_and_publishes_nothing_and_s
         for status, body in answers:
             assert status == 503 and body['active'] == b.url, (status, body)
         assert spy.poll(2000) == 0, 'a published after it lost its lease'
-        assert get(a.url + '/health') == (503, standby(b.url))    # a stands by now
+        assert get(a.url + '/health') == (503, standing_by(b.url))    # a stands by now
         runs = get(b.url + '/runs?job=count&limit=100')[1]['runs']
         assert not [r for r in runs if (r['key'] or '').startswith('paused')], 'a committed after its lease'
         a.url, on_a = b.url, a.url    # checks through the active front end
