@@ -17,7 +17,7 @@ test: deps
 	$(PY) -m pytest -q tests
 
 # jobz side by side with Celery+Redis, RQ and the raw spawn limit, the front end under wrk,
-# growth, the latency floor and scale (pools, many workers); writes bench/RESULTS.md (about 11 minutes).
+# growth, the latency floor and scale (pools, many workers); writes bench/RESULTS.md (about 13 minutes).
 bench: deps
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \

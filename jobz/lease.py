@@ -70,13 +70,15 @@ def stand_by(journal, fronts: list[Connection], me: str, url: str, stopping) -> 
             next_try = now + TRY_EVERY
             try:
                 if journal.reachable() and journal.take_lease(me, url, LEASE):
-                    log.warning('this broker is now the active one (lease epoch %d)', journal.lease[1])
+                    # Taken at once: a normal start; taken after standing by: a take-over, worth a warning.
+                    log.log(logging.WARNING if said else logging.INFO, 'this broker is now the active one '
+                            '(lease epoch %d, after %s)', journal.lease[1], active or 'nobody')
                     return True
                 active = journal.lease_holder()['url'] if journal.reachable(retry=False) else None
             except journal.db.Error as e:
                 log.warning('standby: the journal answered %s', str(e).strip()[:300])
             if not said:
-                log.warning('standing by: %s is the active front end', active or 'nobody yet')
+                log.info('standing by: %s is the active front end', active or 'nobody yet')
                 said = True
         events = dict(poller.poll(100))
         for front in fronts:
