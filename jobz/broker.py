@@ -153,7 +153,11 @@ class Broker:
         `http` is True (every front end) or the front ends with requests waiting. Worker reports
         come first: a handler call that came with its run's result sees that result."""
         burst = self.burst or Burst()
-        self.journal.begin()
+        try:
+            self.journal.begin()
+        except self.journal.db.Error as e:    # the database went away: the next turns refuse until it is back
+            log.warning('cannot begin a transaction: %s', str(e).strip()[:300])
+            return
         before = self.journal.changes()
         try:
             heard = self._drain(self.router, lambda m: self.back.on_router(*m, burst), router=True) if router else []

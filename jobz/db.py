@@ -14,7 +14,7 @@ from .files import private_file
 
 log = logging.getLogger('jobz.journal')
 # libpq: give up on a connection that hangs (a partition, a dead host) within seconds, not TCP's minutes.
-CONNECT = {'connect_timeout': 3, 'keepalives': 1, 'keepalives_idle': 2, 'keepalives_interval': 1,
+CONNECT = {'connect_timeout': 2, 'keepalives': 1, 'keepalives_idle': 2, 'keepalives_interval': 1,
            'keepalives_count': 2, 'tcp_user_timeout': 4000}
 RECONNECT_EVERY = 1.0    # seconds between attempts while PostgreSQL cannot be reached
 

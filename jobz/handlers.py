@@ -67,14 +67,14 @@ def fetch(url: str, timeout: float = 30.0, context=None) -> int:
         return resp.status
 
 
-def alternatives(url: str, fronts: list[str]) -> list[str]:
-    """`url`, then the same path on each other front end when it is on one of them (several front ends:
-    one is active, the others stand by and answer 503, or are down)."""
+def alternatives(url: str, fronts: list[str]) -> list[tuple[str, str]]:
+    """(front end, URL) pairs to try: when `url` is on one of several front ends (one active, the others
+    standing by and answering 503, or down), its path on each of them in the order given; else just it."""
     for base in fronts:
         if url.startswith(base.rstrip('/') + '/'):
             rest = url[len(base.rstrip('/')):]
-            return [url] + [other.rstrip('/') + rest for other in fronts if other != base]
-    return [url]
+            return [(front, front.rstrip('/') + rest) for front in fronts]
+    return [('', url)]
 
 
 class HandlerCalls:
@@ -142,14 +142,16 @@ class HandlerCalls:
         """Runs in a pool thread; reports back through a queue and the wake pipe."""
         try:
             status, error = None, None
-            for target in alternatives(url, self.fronts):
+            for front, target in alternatives(url, self.fronts):
                 try:
                     status = fetch(target, context=self.tls if target.startswith('https:') else None)
                 except OSError as e:
                     status, error = None, e
                     continue    # that front end is down: the next one
-                if status != 503:
-                    break    # 503: a standby (or its journal away); the next front end may be the active one
+                if status != 503:    # 503: a standby (or its journal away); the next may be the active one
+                    if front:    # it answered: ask it first from now on (a dead one costs a timeout)
+                        self.fronts = [front] + [f for f in self.fronts if f != front]
+                    break
             if status is None:
                 raise error
             ok = status < 500

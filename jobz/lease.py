@@ -78,7 +78,7 @@ def stand_by(journal, fronts: list[Connection], me: str, url: str, stopping) -> 
             except journal.db.Error as e:
                 log.warning('standby: the journal answered %s', str(e).strip()[:300])
             if not said:
-                log.info('standing by: %s is the active front end', active or 'nobody yet')
+                log.info('standing by; the active front end: %s', active or 'not known yet')
                 said = True
         events = dict(poller.poll(100))
         for front in fronts:

@@ -56,6 +56,10 @@ class Cluster:
                           '-E', 'UTF8', '--no-sync')
             finally:
                 os.unlink(pwfile)
+            if self.host not in ('127.0.0.1', '::1', 'localhost'):
+                # On a host of its own (a network namespace): clients of the subnets it is on, with the password.
+                with open(os.path.join(self.data, 'pg_hba.conf'), 'a') as f:
+                    f.write('host all all samenet scram-sha-256\n')
         self._run('pg_ctl', 'start', '-w', '-t', '60', '-D', self.data, '-l', self.log, '-o',
                   f'-c listen_addresses={self.host} -c port={self.port} -c unix_socket_directories={self.folder}')
         return self

@@ -58,13 +58,14 @@ def fronts(tmp_path, postgres):
 
 
 class Client(threading.Thread):
-    """Triggers with keys, each sent to a and then, if a is down or standing by, to b (as a cron line
-    with two URLs and retries does); keeps the run ids accepted and when each front end first said 200."""
+    """Triggers with keys, each sent to the front end that answered last and, if that one is down or
+    standing by, to the other (as jobz with two URLs does; a cron line with two URLs and retries is
+    slower but the same); keeps the run ids accepted and when each front end first said 200."""
 
-    def __init__(self, fronts: TwoFronts, queries, pace: float):
+    def __init__(self, urls: list[str], queries, pace: float, timeout: float = 15.0):
         super().__init__(daemon=True)
-        self.urls = [fronts.a.url, fronts.b.url]
-        self.queries, self.pace = queries, pace
+        self.urls = list(urls)
+        self.queries, self.pace, self.timeout = queries, pace, timeout
         self.accepted: dict[str, str] = {}    # key -> run id
         self.first_200 = {}    # url -> when it first answered 200 (monotonic)
         self.statuses = collections.Counter()
@@ -72,14 +73,16 @@ class Client(threading.Thread):
     def run(self) -> None:
         for i, query in enumerate(self.queries):
             key = f'k{i}-{query.split("=")[1].split("&")[0]}'
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60
             while key not in self.accepted and time.monotonic() < deadline:    # as curl --retry would
-                for url in self.urls:
-                    status, body = get(f'{url}/job_start?{query}&key={key}', timeout=15)
+                for url in list(self.urls):
+                    status, body = get(f'{url}/job_start?{query}&key={key}', timeout=self.timeout)
                     self.statuses[status] += 1
                     if status == 200:
                         self.accepted[key] = body['run_id']
                         self.first_200.setdefault(url, time.monotonic())
+                        self.urls.remove(url)
+                        self.urls.insert(0, url)    # ask it first next time
                         break
                 else:
                     time.sleep(0.1)
@@ -94,7 +97,7 @@ def test_the_standby_takes_over_when_the_active_broker_dies_and_nothing_runs_twi
     a, b = fronts.a, fronts.b
     queries = [q for i in range(60) for q in (f'job_name=count&i={i}', f'job_name=crunch&i={i}',
                                               f'job_name=step1&n={i}', f'job_name=part&batch=x{i // 20}')]
-    client = Client(fronts, queries, pace=0.01)
+    client = Client([a.url, b.url], queries, pace=0.01)
     client.start()
     wait_for(lambda: len(client.accepted) >= 60, 30, '60 accepted on a')
     killed = time.monotonic()
