@@ -40,7 +40,11 @@ class Hosts:
             ip('-n', ns, 'addr', 'add', f'{self.addr[name]}/24', 'dev', there)
             ip('-n', ns, 'link', 'set', there, 'up')
         self.cluster = Cluster(host=self.addr['pg'], prefix=self.on('pg')).start()
-        journal = self.cluster.new_database()
+        try:
+            journal = self.cluster.new_database()
+        except Exception:    # the fixture's stop() never comes: remove the server here
+            self.cluster.remove()
+            raise
         self.f1, self.f2 = (TestStack(str(tmp_path / name), JOBS, bind=self.addr[name]) for name in ('f1', 'f2'))
         for name, stack in (('f1', self.f1), ('f2', self.f2)):
             stack.journal = journal
