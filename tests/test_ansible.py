@@ -38,7 +38,7 @@ finish:
 """
 ANSIBLE = os.path.join(os.path.dirname(sys.executable), 'ansible-playbook')
 # Building the Debian root (cold: about 25 s) and two deploys take longer than the usual bound.
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 LIMIT = 20     # jobz_front_conn_limit here: connections at once per source address and port
 
 

@@ -15,6 +15,8 @@ from jobz.postgres import Cluster
 from test_failover import JOBS, Client, ran
 from test_netfaults import free_subnet, in_ns, ip, net  # noqa: F401  (net: the fixture)
 
+pytestmark = pytest.mark.slow    # hosts in network namespaces: `pytest -m 'not slow'` skips them
+
 WORKERS = ('wa', 'wb')
 
 

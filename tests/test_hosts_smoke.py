@@ -10,6 +10,7 @@ from hosts import Hosts
 pytestmark = [
     pytest.mark.timeout(900),  # a cold root build downloads and installs a small Debian
     pytest.mark.skipif(os.geteuid() != 0, reason='containers need root'),
+    pytest.mark.slow,
 ]
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import TestStack, wait_for
 
+pytestmark = pytest.mark.slow    # hosts in network namespaces: `pytest -m 'not slow'` skips them
+
 JOBS = """
 where:
   command: "ip -4 -o addr show > {out}/where-%(tag)s.txt"

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import assert_each_ran_once, free_port, triggers, wait_for
 
+pytestmark = pytest.mark.slow    # hosts in network namespaces: `pytest -m 'not slow'` skips them
+
 JOBS = """
 count:
   command: "echo %(run_id)s >> {out}/ran-$JOBZ_WORKER.txt"
