@@ -315,7 +315,8 @@ class Broker:
         return n
 
     def close(self, fronts: bool = True) -> None:
-        """Close the sockets (and the journal); with fronts=False the Mongrel2 ones stay, for a standby."""
+        """Close the sockets and the journal; with fronts=False the Mongrel2 connections and the journal
+        stay open, for standing by (broker.py's main loop)."""
         if self.auth:
             self.auth.stop()
         if fronts:

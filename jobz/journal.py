@@ -1,9 +1,15 @@
-"""The broker's SQLite journal: runs, per-worker results, output, notes and the worker registry.
+"""The broker's journal: runs, per-worker results, output, notes, pool calls, the worker registry
+and the lease; in SQLite (a file) or PostgreSQL (db.py holds what differs).
 
-What the broker does with it (and what a second journal, say on PostgreSQL, must offer):
+What the broker does with it:
 - transactions: begin(), commit() (durable before anything is answered, published or
   acknowledged), rollback(), savepoint() around each message so one bad message is undone
-  alone, changes() (whether a burst wrote anything);
+  alone, changes() (whether a burst wrote anything), reachable() (PostgreSQL: connected, or
+  connecting again);
+- the lease, on a shared (PostgreSQL) journal: take_lease(), renew_lease(), release_lease(),
+  lease_holder(); commit() proves it (lease.py);
+- pool calls: pool_queue(), pool_waiting(), pool_oldest(), pool_queued(), pool_held(), pool_row(),
+  pool_give(), pool_take(), pool_untaken(), pool_again(), pool_done();
 - runs: add_run() (which gives the call its next sequence number on its topic, kept in
   `heads`), exists(), run_row(), run_by_key(), topic_of(), calls_after() and oldest_seq()
   (catch-up), children();
@@ -316,7 +322,7 @@ class Journal:
         row = self.db.execute('SELECT state FROM results WHERE run_id = ? AND worker = ?', (run_id, worker)).fetchone()
         return row[0] if row else None
 
-    def run_row(self, run_id: str) -> 'Row | None':
+    def run_row(self, run_id: str):
         return self.db.execute('SELECT * FROM runs WHERE run_id = ?', (run_id,)).fetchone()
 
     def topic_of(self, run_id: str) -> str | None:
@@ -378,7 +384,7 @@ class Journal:
         """worker -> pool calls given to it or taken by it that it has not reported on."""
         return dict(self.db.execute('SELECT worker, count(*) FROM pool WHERE worker IS NOT NULL GROUP BY worker'))
 
-    def pool_row(self, run_id: str) -> 'Row | None':
+    def pool_row(self, run_id: str):
         return self.db.execute('SELECT * FROM pool WHERE run_id = ?', (run_id,)).fetchone()
 
     def pool_give(self, run_id: str, worker: str | None) -> None:

@@ -2,6 +2,7 @@
 import collections
 import contextlib
 import os
+import signal
 import sys
 
 import pytest
@@ -73,6 +74,16 @@ def make_stack(tmp_path, request):
     yield make
     for stack in stacks:
         stack.stop_all()
+
+
+def kill_leftovers(stack) -> None:
+    """Commands of a SIGKILLed worker run on as orphans; end their process groups."""
+    for name in os.listdir(stack.out):
+        if name.startswith('pid-'):
+            try:
+                os.killpg(int(stack.lines(name)[0]), signal.SIGKILL)
+            except (ProcessLookupError, IndexError, ValueError):
+                pass
 
 
 def triggers(stack, query, n: int = 0, pace: float = 0.0, timeout: float = 15.0) -> Triggers:

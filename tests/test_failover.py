@@ -93,10 +93,34 @@ def ran(stack, worker: str) -> collections.Counter:
     return collections.Counter(stack.lines(f'ran-{worker}.txt'))
 
 
+def load() -> list[str]:
+    """The triggers of a failover test: 60 each of a broadcast, a pool call, a chain and a fan-in part."""
+    return [q for i in range(60) for q in (f'job_name=count&i={i}', f'job_name=crunch&i={i}',
+                                           f'job_name=step1&n={i}', f'job_name=part&batch=x{i // 20}')]
+
+
+def check_the_load(stack, accepted: dict, workers, timeout: float) -> None:
+    """Every accepted trigger of load() ran once: a broadcast call on each worker, a pool call on one
+    of them; each step1 led to one step2 on every worker; each fan-in gate of 20 released once.
+    `stack` holds the workers' files; its url must be the active front end."""
+    by_job = collections.defaultdict(list)
+    for key, run_id in accepted.items():
+        by_job[key.split('-')[1]].append(run_id)
+    assert_each_ran_once(stack, 'count', by_job['count'], workers=workers, timeout=timeout)
+    pool = collections.Counter()
+    for w in workers:
+        pool.update(r for r in ran(stack, w) if r in set(by_job['crunch']))
+    assert set(pool) == set(by_job['crunch']) and set(pool.values()) == {1}, pool.most_common(3)
+    wait_for(lambda: all(len(stack.lines(f'step2-{w}.txt')) == 60 for w in workers), timeout, 'every step2')
+    for w in workers:
+        assert sorted(map(int, stack.lines(f'step2-{w}.txt'))) == list(range(60))
+        wait_for(lambda: len(stack.lines(f'after-{w}.txt')) == 3, 60, 'three gates released')
+        assert sorted(stack.lines(f'after-{w}.txt')) == ['x0', 'x1', 'x2']
+
+
 def test_the_standby_takes_over_when_the_active_broker_dies_and_nothing_runs_twice(fronts):
     a, b = fronts.a, fronts.b
-    queries = [q for i in range(60) for q in (f'job_name=count&i={i}', f'job_name=crunch&i={i}',
-                                              f'job_name=step1&n={i}', f'job_name=part&batch=x{i // 20}')]
+    queries = load()
     client = Client([a.url, b.url], queries, pace=0.01)
     client.start()
     wait_for(lambda: len(client.accepted) >= 60, 30, '60 accepted on a')
@@ -109,21 +133,7 @@ def test_the_standby_takes_over_when_the_active_broker_dies_and_nothing_runs_twi
     assert client.first_200[b.url] - killed < 10, 'b took over within 10 s'
     assert len(client.accepted) == len(queries), client.statuses    # every trigger found a front end
     a.url = b.url    # from here on the checks ask b, the active front end
-    by_job = collections.defaultdict(list)
-    for key, run_id in client.accepted.items():
-        by_job[key.split('-')[1]].append(run_id)
-    # Broadcast calls: once on each worker. Pool calls: once on one of them.
-    assert_each_ran_once(a, 'count', by_job['count'], workers=WORKERS, timeout=60)
-    pool = collections.Counter()
-    for w in WORKERS:
-        pool.update(r for r in ran(a, w) if r in set(by_job['crunch']))
-    assert set(pool) == set(by_job['crunch']) and set(pool.values()) == {1}, pool.most_common(3)
-    # Chains: each step1 led to one step2 per worker; each fan-in gate of 20 released once.
-    wait_for(lambda: all(len(a.lines(f'step2-{w}.txt')) == 60 for w in WORKERS), 60, 'every step2')
-    for w in WORKERS:
-        assert sorted(map(int, a.lines(f'step2-{w}.txt'))) == list(range(60))
-        wait_for(lambda: len(a.lines(f'after-{w}.txt')) == 3, 60, 'three gates released')
-        assert sorted(a.lines(f'after-{w}.txt')) == ['x0', 'x1', 'x2']
+    check_the_load(a, client.accepted, WORKERS, timeout=60)
 
 
 def test_a_paused_broker_that_lost_its_lease_commits_and_publishes_nothing_and_stands_by(fronts):

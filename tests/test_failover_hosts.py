@@ -1,7 +1,6 @@
 """Two front ends on one PostgreSQL, each on a host of its own: network namespaces `pg`, `f1`, `f2`
 and two worker hosts `wa`, `wb` on one bridge. The active front end's host dies mid-load (every
 process SIGKILLed, its link cut); a front end cut off from PostgreSQL alone is fenced."""
-import collections
 import os
 import signal
 import time
@@ -12,7 +11,7 @@ import zmq
 from conftest import TestStack, assert_each_ran_once, wait_for
 from jobz.harness import http_or_down, standing_by
 from jobz.postgres import Cluster
-from test_failover import JOBS, Client, ran
+from test_failover import JOBS, Client, check_the_load, load
 from test_netfaults import free_subnet, in_ns, ip, net  # noqa: F401  (net: the fixture)
 
 pytestmark = pytest.mark.slow    # hosts in network namespaces: `pytest -m 'not slow'` skips them
@@ -92,8 +91,7 @@ def hosts(net, tmp_path):
 @pytest.mark.timeout(300)
 def test_the_front_end_host_dies_mid_load_and_the_other_carries_on(hosts):
     f1, f2 = hosts.f1, hosts.f2
-    queries = [q for i in range(60) for q in (f'job_name=count&i={i}', f'job_name=crunch&i={i}',
-                                              f'job_name=step1&n={i}', f'job_name=part&batch=x{i // 20}')]
+    queries = load()
     client = Client([f1.url, f2.url], queries, pace=0.01, timeout=2)    # a dead host: no answer at all
     client.start()
     wait_for(lambda: len(client.accepted) >= 60, 30, '60 accepted on f1')
@@ -106,19 +104,7 @@ def test_the_front_end_host_dies_mid_load_and_the_other_carries_on(hosts):
     assert not client.is_alive() and len(client.accepted) == len(queries), client.statuses
     assert client.first_200[f2.url] - died < 10, 'f2 took triggers within 10 s'
     f1.url = f2.url    # the checks ask the active front end
-    by_job = collections.defaultdict(list)
-    for key, run_id in client.accepted.items():
-        by_job[key.split('-')[1]].append(run_id)
-    assert_each_ran_once(f1, 'count', by_job['count'], workers=WORKERS, timeout=90)
-    pool = collections.Counter()
-    for w in WORKERS:
-        pool.update(r for r in ran(f1, w) if r in set(by_job['crunch']))
-    assert set(pool) == set(by_job['crunch']) and set(pool.values()) == {1}, pool.most_common(3)
-    wait_for(lambda: all(len(f1.lines(f'step2-{w}.txt')) == 60 for w in WORKERS), 90, 'every step2')
-    for w in WORKERS:
-        assert sorted(map(int, f1.lines(f'step2-{w}.txt'))) == list(range(60))
-        wait_for(lambda: len(f1.lines(f'after-{w}.txt')) == 3, 60, 'three gates released')
-        assert sorted(f1.lines(f'after-{w}.txt')) == ['x0', 'x1', 'x2']
+    check_the_load(f1, client.accepted, WORKERS, timeout=90)
 
 
 @pytest.mark.timeout(300)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import assert_each_ran_once, final_states, http, triggers, wait_for
+from conftest import assert_each_ran_once, final_states, http, kill_leftovers, triggers, wait_for
 from jobz.journal import Journal
 from jobz.postgres import Cluster
 
@@ -38,16 +38,6 @@ gate_all:
   semaphore: {count: all}
   on_success: "/job_start?job_name=record&what=released-%(run_id)s&tag=all"
 """
-
-
-def kill_leftovers(stack) -> None:
-    """Commands of a SIGKILLed worker run on as orphans; end their process groups."""
-    for name in os.listdir(stack.out):
-        if name.startswith('pid-'):
-            try:
-                os.killpg(int(stack.lines(name)[0]), signal.SIGKILL)
-            except (ProcessLookupError, IndexError, ValueError):
-                pass
 
 
 def test_worker_killed_while_idle_catches_up(make_stack):

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT, http, wait_for
+from conftest import ROOT, http, kill_leftovers, wait_for
 
 pytestmark = pytest.mark.both_journals    # the pool's tables and their conditional updates, on both engines
 
@@ -56,16 +56,6 @@ def pool_stack(make_stack, workers, **kw):
     stack.broker_args = FAST
     stack.start(workers)
     return stack
-
-
-def kill_leftovers(stack) -> None:
-    """Commands of a SIGKILLed worker run on as orphans: end them."""
-    for name in os.listdir(stack.out):
-        if name.startswith('pid-'):
-            try:
-                os.killpg(int(stack.lines(name)[0]), signal.SIGKILL)
-            except (ProcessLookupError, IndexError, ValueError):
-                pass
 
 
 def test_each_call_runs_once_spread_over_the_pool(make_stack):
