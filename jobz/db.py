@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 
 from .files import private_file
@@ -122,6 +123,7 @@ class Postgres:
         self.url = url
         self.changes = 0
         self.retry_at = 0.0
+        self.fresh = self.trying = None    # reachable(): a connection made in a thread, and that thread
         self.conn = self._connect()
         self.Row = Row
 
@@ -178,28 +180,41 @@ class Postgres:
             pass    # the connection went with it: reachable() connects again
 
     def reachable(self, retry: bool = True) -> bool:
+        """True while connected. Otherwise False at once, and (with `retry`, at most once a second)
+        a new connection is tried in a thread: connecting to a host that does not answer takes
+        seconds, and meanwhile the broker keeps answering 503. The next call after it succeeded
+        puts it in place."""
         if not (self.conn.broken or self.conn.closed):
             return True
+        if self.fresh is not None:
+            self.conn.close()
+            self.conn, self.fresh = self.fresh, None
+            log.warning('the journal is reachable again (%s)', self.describe())
+            return True
         now = time.monotonic()
-        if not retry or now < self.retry_at:
-            return False
-        self.retry_at = now + RECONNECT_EVERY
+        if retry and now >= self.retry_at and not (self.trying and self.trying.is_alive()):
+            self.retry_at = now + RECONNECT_EVERY
+            self.trying = threading.Thread(target=self._reconnect, name='journal-reconnect', daemon=True)
+            self.trying.start()
+        return False
+
+    def _reconnect(self) -> None:
+        """In the thread reachable() starts: leave a new connection in self.fresh, or log why not."""
         try:
-            conn = self._connect()
+            self.fresh = self._connect()
         except self.psycopg.OperationalError as e:
             log.warning('the journal is unreachable: %s', redact(str(e)).strip().splitlines()[-1][:300])
-            return False
-        self.conn.close()
-        self.conn = conn
-        log.warning('the journal is reachable again (%s)', self.describe())
-        return True
 
     @property
     def in_transaction(self) -> bool:
         return self.conn.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
 
     def close(self) -> None:
-        self.conn.close()
+        if self.trying:
+            self.trying.join()
+        for conn in (self.conn, self.fresh):
+            if conn is not None:
+                conn.close()
 
     @staticmethod
     def agg(expr: str) -> str:

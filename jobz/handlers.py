@@ -32,12 +32,14 @@ GIVE_UP = 86400.0    # a handler URL that keeps failing is dropped (with an erro
 _pool = threading.local()    # per handler thread: (scheme, host:port) -> a keep-alive connection
 
 
-def fetch(url: str, timeout: float = 30.0, context=None) -> int:
+def fetch(url: str, timeout: float = 10.0, context=None, connect_timeout: float = 3.0) -> int:
     """GET a URL; return its HTTP status (error statuses included), raise OSError if unreachable.
 
     Each thread keeps one connection per front end open: a chain's next step costs a request,
     not a TCP (or TLS) handshake. A kept connection the server has closed meanwhile is replaced
-    once; the call's idempotency key makes that retry harmless."""
+    once; the call's idempotency key makes that retry harmless. One that times out is not retried:
+    its host is gone (or too slow), and the caller tries the next front end. A front end answers
+    a handler call in milliseconds: the timeouts only bound what a dead host costs."""
     parts = urlsplit(url)
     if parts.scheme not in ('http', 'https') or not parts.hostname:
         raise ValueError(f'not an http(s) URL: {url[:200]!r}')
@@ -47,17 +49,19 @@ def fetch(url: str, timeout: float = 30.0, context=None) -> int:
     while True:
         conn = conns.pop(key, None)
         fresh = conn is None
-        if fresh:
-            conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
-                    if parts.scheme == 'https' else
-                    http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout))
         try:
+            if fresh:
+                conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=connect_timeout, context=context)
+                        if parts.scheme == 'https' else
+                        http.client.HTTPConnection(parts.hostname, parts.port, timeout=connect_timeout))
+                conn.connect()
+                conn.sock.settimeout(timeout)
             conn.request('GET', target)
             resp = conn.getresponse()
             resp.read()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            if fresh:
+            if fresh or isinstance(e, TimeoutError):
                 raise OSError(f'{type(e).__name__}: {e}') from e
             continue    # the kept connection had gone stale: once more on a new one
         if resp.will_close:

@@ -44,7 +44,8 @@ import uuid
 CACHE = os.environ.get('JOBZ_TEST_ROOTS', '/var/tmp/jobz-test-roots')
 BASE = ['systemd', 'systemd-sysv', 'dbus', 'openssh-server', 'python3', 'python3-apt',
         'python3-packaging', 'iproute2']
-DEBS = ['mongrel2-core', 'python3-zmq', 'python3-yaml', 'python3-venv', 'curl', 'nftables']  # the deploy's
+DEBS = ['mongrel2-core', 'python3-zmq', 'python3-yaml', 'python3-venv', 'curl', 'nftables',  # the deploy's
+        'postgresql', 'python3-psycopg']
 SUITE = 'bookworm'
 MIRRORS = ['deb http://deb.debian.org/debian bookworm main',
            'deb http://deb.debian.org/debian bookworm-updates main',
@@ -206,6 +207,17 @@ class Host:
         self.ssh('systemctl poweroff --no-block', timeout=20, check=True)
         if not self.wait_down(time.monotonic() + timeout, nudge=False):
             raise TimeoutError(f'{self.name}: did not power off in {timeout}s\n{self.tail()}')
+        self.boot()
+        self.wait_ssh(time.monotonic() + timeout)
+
+    def pull_plug(self) -> None:
+        """As a power cut: the link goes down first (no goodbye on the wire), then everything is SIGKILLed."""
+        run('ip', 'link', 'set', self.veth, 'down')
+        self.wait_down(time.monotonic(), nudge=False)
+
+    def plug_in(self, timeout: float = 120) -> None:
+        """After pull_plug: the link up again, boot, wait for ssh."""
+        run('ip', 'link', 'set', self.veth, 'up')
         self.boot()
         self.wait_ssh(time.monotonic() + timeout)
 

@@ -18,6 +18,8 @@ class CountingServer(http.server.ThreadingHTTPServer):
 
     def __init__(self):
         self.connections = []
+        self.silent = False                  # True: requests get no answer (a host gone silent) ...
+        self.release = threading.Event()     # ... until this is set
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = 'HTTP/1.1'    # keep-alive unless told otherwise
@@ -27,6 +29,8 @@ class CountingServer(http.server.ThreadingHTTPServer):
                 self.connections.append(handler.connection)
 
             def do_GET(handler):
+                if self.silent:
+                    self.release.wait(10)
                 body = b'{}'
                 handler.send_response(404 if handler.path.startswith('/missing') else 200)
                 handler.send_header('Content-Length', str(len(body)))
@@ -44,6 +48,7 @@ def server():
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
+    srv.release.set()
     srv.shutdown()
     srv.server_close()
 
@@ -74,6 +79,21 @@ def test_a_connection_the_server_closed_is_replaced(server):
         return first, fetch(f'{base}/b')
     assert call_in_thread(calls) == (200, 200)
     assert len(server.connections) == 2
+
+
+def test_a_kept_connection_gone_silent_costs_one_timeout_and_no_new_connection(server):
+    """A front-end host that died keeps its connections open but silent: the call gives up after the
+    read timeout (and the caller asks the next front end) instead of waiting again on a new one."""
+    base = f'http://127.0.0.1:{server.server_address[1]}'
+
+    def calls():
+        first = fetch(f'{base}/a', timeout=0.5)
+        server.silent = True
+        with pytest.raises(OSError, match='TimeoutError'):
+            fetch(f'{base}/b', timeout=0.5)
+        return first
+    assert call_in_thread(calls) == 200
+    assert len(server.connections) == 1
 
 
 def test_unreachable_front_end_is_an_os_error():

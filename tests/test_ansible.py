@@ -1,13 +1,14 @@
-"""Deploy with Ansible onto three real hosts (systemd-nspawn containers with systemd), then use them.
+"""Deploy with Ansible onto five real hosts (systemd-nspawn containers with systemd), then use them.
 
-The front end (Mongrel2, broker, semaphore) and two worker hosts, deployed the secure way the
-example inventory shows: HTTPS with client certificates from our own CA, CURVE between broker and
+Two front ends (Mongrel2 and a broker each) on one PostgreSQL journal on a third host, and two
+worker hosts (the semaphore on the first), deployed the secure way the example inventory shows: HTTPS with client certificates from our own CA, CURVE between broker and
 agents, plain HTTP on the front end's loopback only; the playbook makes the CA, certificates and
 keys itself. Deploy; deploy again and nothing changes; a trigger over HTTPS runs on both worker
 hosts and chains into a fan-in semaphore; a killed worker is restarted by systemd and catches up;
-a rebooted host comes back. Then the attacks the secure layout is for: the plain ports from another
+a rebooted host comes back; the active front end loses its power and the other takes over. Then the attacks the secure layout is for: the plain ports from another
 host, the jobz user against what root reads, a local user against the handler sockets, one
-source opening too many connections, an inventory asking for plain HTTP on the network.
+source opening too many connections, an inventory asking for plain HTTP on the network, the
+journal's password from another host or without TLS.
 """
 import json
 import os
@@ -16,9 +17,11 @@ import shlex
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
+import psycopg
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -68,8 +71,10 @@ def deployed(tmp_path_factory):
     wheel = str(next((work / 'dist').glob('jobz-*.whl')))
     (work / 'catalog').mkdir()
     (work / 'catalog' / 'jobs.yaml').write_text(CATALOG)
-    with Hosts(['front', 'node1', 'node2'], str(work / 'hosts')) as hosts:
-        front = hosts['front']
+    with Hosts(['front', 'front2', 'pg', 'node1', 'node2'], str(work / 'hosts')) as hosts:
+        fronts = {name: {'ansible_host': hosts[name].addr, 'jobz_front_tls_bind': hosts[name].addr,
+                         'jobz_front_zmq_bind': hosts[name].addr, 'jobz_front_clients': ['tester'],
+                         'jobz_front_conn_limit': LIMIT} for name in ('front', 'front2')}
         # The example inventory's settings; the playbook makes the CA, certificates and keys in jobz_pki_dir.
         inventory = {'all': {
             'vars': {'ansible_user': 'root', 'ansible_ssh_private_key_file': hosts.key,
@@ -81,11 +86,9 @@ def deployed(tmp_path_factory):
                      'jobz_front_jobs_dir': str(work / 'catalog'),
                      'jobz_semaphore_jobs_dir': str(work / 'catalog')},
             'children': {
-                'jobz_front': {'hosts': {'front': {'ansible_host': front.addr, 'jobz_front_tls_bind': front.addr,
-                                                   'jobz_front_zmq_bind': front.addr,
-                                                   'jobz_front_clients': ['tester'],
-                                                   'jobz_front_conn_limit': LIMIT}}},
-                'jobz_semaphores': {'hosts': {'front': {}}},
+                'jobz_front': {'hosts': fronts},
+                'jobz_postgresql': {'hosts': {'pg': {'ansible_host': hosts['pg'].addr}}},
+                'jobz_semaphores': {'hosts': {'node1': {}}},
                 'jobz_workers': {'hosts': {
                     name: {'ansible_host': hosts[name].addr,
                            'jobz_workers': [{'name': name, 'jobs': [str(work / 'catalog' / 'jobs.yaml')]}]}
@@ -99,28 +102,29 @@ def deployed(tmp_path_factory):
         pki = str(work / 'pki' / 'ca')
         context = ssl.create_default_context(cafile=f'{pki}/ca.crt')
         context.load_cert_chain(f'{pki}/clients/tester.crt', f'{pki}/clients/tester.key')
-        yield {'hosts': hosts, 'url': f'https://{front.addr}:6443', 'context': context, 'work': work,
+        yield {'hosts': hosts, 'urls': [f'https://{hosts[n].addr}:6443' for n in fronts], 'context': context,
+               'work': work,
                'pki': pki, 'first': first, 'second': second,
                'rerun': lambda *args, ok=True: playbook(path, wheel, log, *args, ok=ok)}
 
 
 def test_second_deploy_changes_nothing(deployed):
-    assert set(deployed['second']) == {'localhost', 'front', 'node1', 'node2'}
+    assert set(deployed['second']) == {'localhost', 'front', 'front2', 'pg', 'node1', 'node2'}
     assert all(r['changed'] == 0 and r['failed'] == 0 for r in deployed['second'].values()), \
         f"{deployed['second']}\n{journals(deployed['hosts'])}"
     assert all(r['changed'] > 0 for r in deployed['first'].values())    # localhost: it made the PKI
     pki = deployed['work'] / 'pki'
     assert sorted(p.name for p in (pki / 'keys').glob('*.key_secret')) == [
-        'broker.key_secret', 'front-semaphore.key_secret', 'node1.key_secret', 'node2.key_secret']
+        'broker.key_secret', 'node1-semaphore.key_secret', 'node1.key_secret', 'node2.key_secret']
     assert sorted(p.name for p in (pki / 'ca' / 'clients').glob('*.crt')) == [
-        'front-semaphore.crt', 'node1.crt', 'node2.crt', 'tester.crt']
-    assert [p.name for p in (pki / 'ca' / 'servers').glob('*.crt')] == ['front.crt']
+        'node1-semaphore.crt', 'node1.crt', 'node2.crt', 'tester.crt']
+    assert sorted(p.name for p in (pki / 'ca' / 'servers').glob('*.crt')) == ['front.crt', 'front2.crt', 'pg.crt']
 
 
 def test_trigger_runs_on_both_hosts_and_fans_in(deployed):
     hosts = deployed['hosts']
     try:
-        wait_for(lambda: _workers_alive(deployed) >= {'node1', 'node2', 'front-semaphore'}, timeout=60,
+        wait_for(lambda: _workers_alive(deployed) >= {'node1', 'node2', 'node1-semaphore'}, timeout=60,
                  what='workers')
     except AssertionError as e:
         raise AssertionError(f'{e}\n{journals(hosts)}') from None
@@ -144,19 +148,20 @@ def test_trigger_runs_on_both_hosts_and_fans_in(deployed):
     releases = [r for c in children for r in get(deployed, '/job_status?run_id=' + c)[1]['children']]
     assert len(releases) == 1
     release = get(deployed, '/job_status?run_id=' + releases[0])[1]
-    assert release['job'] == 'finish' and release['triggered_by'] == 'front-semaphore'
+    assert release['job'] == 'finish' and release['triggered_by'] == 'node1-semaphore'
 
 
 def test_what_operators_see_on_the_deployment(deployed):
     """The status page, /metrics and the jobz command line over HTTPS; logfmt records in journald."""
-    request = urllib.request.Request(deployed['url'] + '/', headers={'Accept': 'text/html'})
+    url = active(deployed)
+    request = urllib.request.Request(url + '/', headers={'Accept': 'text/html'})
     with urllib.request.urlopen(request, timeout=30, context=deployed['context']) as r:
         assert r.headers['Content-Type'].startswith('text/html') and r.read().startswith(b'<!doctype html>')
-    with urllib.request.urlopen(deployed['url'] + '/metrics', timeout=30, context=deployed['context']) as r:
+    with urllib.request.urlopen(url + '/metrics', timeout=30, context=deployed['context']) as r:
         samples = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
     assert samples['jobz_workers_connected'] >= 3
     pki = deployed['pki']
-    cli = subprocess.run([sys.executable, '-m', 'jobz.client', '--url', deployed['url'],
+    cli = subprocess.run([sys.executable, '-m', 'jobz.client', '--url', ','.join(deployed['urls']),
                           '--cert', f'{pki}/clients/tester.crt', '--key', f'{pki}/clients/tester.key',
                           '--ca', f'{pki}/ca.crt', 'start', 'where', 'tag=t9', '--wait', '--timeout', '60'],
                          capture_output=True, text=True, timeout=90, cwd=ROOT)
@@ -338,6 +343,10 @@ def test_roles_refuse_plain_http_beyond_loopback(deployed):
     recap, out = deployed['rerun']('--limit', 'front', '-e', 'jobz_curve_keys=', ok=False)
     assert f'jobz_front_zmq_bind={front.addr} without CURVE keys' in out, out[-3000:]
     assert recap['front']['failed'] == 1 and recap['front']['changed'] == 0, recap
+    # Two front ends without a shared PostgreSQL journal (each would keep its own).
+    recap, out = deployed['rerun']('--limit', 'front', '-e', 'jobz_journal_url=', ok=False)
+    assert 'jobz_front has 2 hosts: they must share one journal in PostgreSQL' in out, out[-3000:]
+    assert recap['front']['failed'] == 1 and recap['front']['changed'] == 0, recap
     # Nothing changed, and the deployment still works as before.
     assert front.ssh('md5sum /etc/jobz/mongrel2/mongrel2.conf /etc/jobz/broker.env', check=True).stdout == before
     assert connect(deployed['hosts']['node2'], front.addr, 6769) == {6769: 'ConnectionRefusedError'}
@@ -353,6 +362,83 @@ def test_rebooted_host_comes_back(deployed):
     status, run = get(deployed, '/job_start?job_name=where&tag=t3&wait=60')
     assert status == 200 and run['state'] == 'succeeded'
     assert 't3 node1' in _lines(node1, 'where.txt')
+
+
+# Run on a front end as the jobz user: connect to the journal at $URL, print 'connected' or the error.
+PSQL = """
+import os, psycopg
+try:
+    psycopg.connect(os.environ['URL'], connect_timeout=5).close()
+    print('connected')
+except psycopg.OperationalError as e:
+    print(str(e).strip().splitlines()[-1])
+"""
+
+
+def test_the_journal_lets_in_only_the_front_ends_over_tls(deployed):
+    hosts = deployed['hosts']
+    front = hosts['front']
+    # The journal's password is in the broker's environment file, which only root reads.
+    assert front.ssh('stat -c %a:%U /etc/jobz/broker.env', check=True).stdout.split() == ['600:root']
+    front.ssh('id eve || useradd -M eve', check=True)
+    assert 'Permission denied' in front.ssh('runuser -u eve -- cat /etc/jobz/broker.env').stderr
+    env = dict(line.split('=', 1) for line in front.ssh('cat /etc/jobz/broker.env', check=True).stdout.splitlines()
+               if '=' in line and not line.startswith('#'))
+    url = env['JOBZ_JOURNAL']
+    assert url.startswith("postgresql://jobz:") and f"@{hosts['pg'].addr}:5432/jobz?sslmode=verify-full" in url
+
+    def attempt(host, url):
+        return host.ssh(f'URL={shlex.quote(url)} runuser -u jobz -w URL -- '
+                        f'/opt/jobz/venv/bin/python -c {shlex.quote(PSQL)}', check=True).stdout.strip()
+
+    assert attempt(front, url) == 'connected'
+    # With the password, but without TLS: refused (hostssl lines only).
+    plain = url.split('?')[0] + '?sslmode=disable'
+    assert 'no pg_hba.conf entry' in attempt(front, plain) and 'no encryption' in attempt(front, plain)
+    # With the password and TLS, from a host that is not a front end (this machine): refused.
+    here = url.split('sslrootcert=')[0] + 'sslrootcert=' + deployed['pki'] + '/ca.crt'
+    with pytest.raises(psycopg.OperationalError, match='no pg_hba.conf entry for host'):
+        psycopg.connect(here, connect_timeout=5)
+    # A wrong password from a front end: refused.
+    wrong = re.sub(r'(jobz:)[^@]*@', r'\1wrong@', url)
+    assert 'password authentication failed' in attempt(front, wrong)
+
+
+def test_powering_off_the_active_front_end(deployed):
+    """The plug is pulled on the active front end's host: the other takes over; back, it stands by."""
+    hosts = deployed['hosts']
+    wait_for(lambda: _workers_alive(deployed) >= {'node1', 'node2', 'node1-semaphore'}, timeout=60, what='workers')
+    before = active(deployed)
+    dead, other = (hosts['front'], hosts['front2']) if hosts['front'].addr in before else (hosts['front2'], hosts['front'])
+    standby = f'https://{other.addr}:6443'
+    assert _direct(deployed, standby + '/health') == (503, before)
+    dead.pull_plug()
+    cut = time.monotonic()
+    wait_for(lambda: _workers_alive(deployed) >= {'node1', 'node2', 'node1-semaphore'} and deployed['active'] == standby,
+             timeout=60, what='the other front end to take over, with every worker')
+    print(f'takeover with every worker: {time.monotonic() - cut:.1f} s')
+    status, run = get(deployed, '/job_start?job_name=where&tag=t4&wait=60', timeout=30)
+    assert status == 200 and sorted(run['workers']) == ['node1', 'node2'], run
+    # The chain's handler calls go to the front end that is left: the fan-in releases once.
+    wait_for(lambda: all('finished t4' in _lines(hosts[n], 'finish.txt') for n in ('node1', 'node2')),
+             timeout=60, what='the fan-in through the other front end')
+    assert sum(_lines(hosts[n], 'finish.txt').count('finished t4') for n in ('node1', 'node2')) == 2
+    # Powered on again, the old front end's broker stands by and names the active one.
+    dead.plug_in()
+    wait_for(lambda: _direct(deployed, before + '/health') == (503, standby), timeout=60,
+             what='the old front end to stand by')
+    assert get(deployed, '/health', timeout=10)[0] == 200 and deployed['active'] == standby
+
+
+def _direct(deployed, url: str) -> tuple[int, str | None]:
+    """GET one front end's URL only: (status, the active front end it names if it stands by)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=deployed['context']) as r:
+            return r.status, None
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e).get('active')
+    except OSError:
+        return 0, None
 
 
 def journals(hosts) -> str:
@@ -374,12 +460,30 @@ def _restarts(host) -> int:
 
 
 def get(deployed, path: str, timeout: float = 90) -> tuple[int, dict]:
-    """GET over HTTPS with the tester's client certificate: (status, JSON)."""
-    try:
-        with urllib.request.urlopen(deployed['url'] + path, timeout=timeout, context=deployed['context']) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+    """GET over HTTPS with the tester's client certificate: (status, JSON), from the active front end.
+
+    As a client given both URLs does: the one that answered last first; a standby's 503 or a front
+    end that is down sends it to the other."""
+    urls = sorted(deployed['urls'], key=lambda u: u != deployed.get('active'))
+    for i, url in enumerate(urls):
+        last = i == len(urls) - 1
+        try:
+            with urllib.request.urlopen(url + path, timeout=timeout, context=deployed['context']) as r:
+                deployed['active'] = url
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or last:
+                return e.code, json.load(e)
+        except OSError:
+            if last:
+                raise
+
+
+def active(deployed) -> str:
+    """The URL of the front end whose broker is active now."""
+    status, _ = get(deployed, '/health', timeout=10)
+    assert status == 200
+    return deployed['active']
 
 
 def _workers_alive(deployed) -> set:

@@ -130,6 +130,12 @@ def test_a_front_end_cut_off_from_postgresql_is_fenced_and_rejoins_as_standby(ho
         assert all(status == 503 for status, _ in answers), answers
         wait_for(lambda: 'lost the lease' in open(os.path.join(f1.log_dir, 'broker.log')).read(), 15,
                  'f1 to step down')
+        # Standing by while still cut off, it answers at once: connecting again (which waits on a host
+        # that does not answer) happens in the background.
+        for _ in range(5):
+            asked = time.monotonic()
+            assert http_or_down(f1.url + '/health', timeout=15)[0] == 503
+            assert time.monotonic() - asked < 1.0, 'a 503 waited on a connection attempt'
         # Healed: f1 reaches PostgreSQL again, finds f2 holding the lease and stands by.
         in_ns(hosts.ns['pg'], ['nft', 'delete', 'table', 'inet', 'cut'], check=True)
         wait_for(lambda: http_or_down(f1.url + '/health') == (503, standing_by(f2.url)), 20, 'f1 standing by')
