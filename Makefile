@@ -4,27 +4,35 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-faults wheel deps deps-apt clean
+.PHONY: run test bench bench-faults wheel deps deps-run apt-run apt-test clean
 
-run: deps
+# Debian packages, as COMMAND:PACKAGE (installed when COMMAND is missing; apt-get needs root).
+# Running needs only these (and python3-venv, checked by importing venv):
+RUN_DEBS := mongrel2:mongrel2-core curl:curl
+# The tests also need: the page's browser, throwaway PostgreSQL clusters, network namespaces and
+# nftables (multi-host tests), containers with systemd, their Debian root and ssh (deployment test).
+TEST_DEBS := chromium:chromium pg_ctlcluster:postgresql ip:iproute2 nft:nftables \
+	systemd-nspawn:systemd-container mmdebstrap:mmdebstrap ssh:openssh-client
+
+# Install the packages of $(1) whose command is missing.
+need = missing=""; \
+	for pair in $(1); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair\#*:}"; done; \
+	$(2) \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+run: deps-run
 	$(PY) -m jobz.stack
 
 test: deps
-	@command -v chromium >/dev/null || { apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }   # the status page's browser test
-	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }   # throwaway clusters for the journal tests
 	$(PY) -m pytest -q tests
 
 # jobz side by side with Celery+Redis, RQ and the raw spawn limit, the front end under wrk,
 # growth, the latency floor and scale (pools, many workers); writes bench/RESULTS.md (about 13 minutes).
 bench: deps
-	@missing=""; \
-	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
-	command -v wrk >/dev/null || missing="$$missing wrk"; \
-	if [ -n "$$missing" ]; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	fi
+	@$(call need,redis-server:redis-server wrk:wrk,)
 	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) bench/run.py --write
 
@@ -32,29 +40,28 @@ bench-faults: deps
 	$(PY) bench/faults.py
 
 # The wheel the Ansible roles install (pyzmq and PyYAML come from Debian on the hosts).
-wheel: deps
+wheel: deps-run
 	rm -rf dist && $(VENV)/bin/pip wheel -q --no-deps -w dist .
 
-deps: deps-apt $(VENV)/.installed
+# What running needs: its Debian packages (python3-venv: when venv cannot be imported), a .venv with
+# jobz (pyzmq, PyYAML). `make -n -B run` lists what it would install.
+deps-run: apt-run $(VENV)/.installed-run
 
-# Debian packages: checked every time, installed only when missing (apt-get needs root).
-deps-apt:
-	@missing=""; \
-	command -v mongrel2 >/dev/null || missing="$$missing mongrel2-core"; \
-	command -v curl >/dev/null || missing="$$missing curl"; \
-	command -v ip >/dev/null || missing="$$missing iproute2"; \
-	command -v nft >/dev/null || missing="$$missing nftables"; \
-	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
-	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
-	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
-	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	fi
+# What the tests, the benchmarks and the deployment (Ansible) need besides.
+deps: deps-run apt-test $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+apt-run:
+	@$(call need,$(RUN_DEBS),$(PYTHON) -c 'import ensurepip; import venv' 2>/dev/null || missing="$$missing python3-venv";)
+
+apt-test:
+	@$(call need,$(TEST_DEBS),)
+
+$(VENV)/.installed-run: setup.py
 	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e .
+	@touch $@
+
+$(VENV)/.installed: setup.py $(VENV)/.installed-run
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 

@@ -41,6 +41,22 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def free_run(n: int) -> int:
+    """A free loopback port P with P+1 .. P+n-1 free too (a stack's ports follow its HTTP port)."""
+    while True:
+        socks: list[socket.socket] = []
+        start = random.randrange(20000, 32000 - n)
+        try:
+            for port in range(start, start + n):
+                socks.append(socket.create_server(('127.0.0.1', port)))
+            return start
+        except OSError:
+            continue    # one of them is taken: draw again
+        finally:
+            for s in socks:
+                s.close()
+
+
 class TimedOut(AssertionError):
     """A condition did not come true in time (an AssertionError: a test that waited fails)."""
 

@@ -3,6 +3,7 @@
 Used by `make run` and by the tests (with their own ports and folders).
 """
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -10,9 +11,11 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from urllib.parse import urlsplit
@@ -41,6 +44,25 @@ def render_mongrel2_conf(template: str, port: int, chroot: str, bind: str = '127
         if n != count:
             raise ValueError(f'mongrel2.conf: expected {pattern!r} {count} time(s), found it {n}')
     return template
+
+
+# What Mongrel2 says as an error on every normal start: not errors at all (it then says "No
+# previous mongrel2 running, continuing on"). Left out of what `make run` shows and keeps.
+HARMLESS = [re.compile(r'\[ERROR\] \(src/unixy\.c:\d+: errno: No such file or directory\) Failed to open PID file .* for reading\.$')]
+
+
+def copy_mongrel2_output(pipe, path: str, name: str) -> None:
+    """Copy Mongrel2's output to `path` (in a thread of the stack); its warnings and errors go to our log
+    too, so that a port in use or a bad certificate is seen, but not the known harmless ones."""
+    with pipe, open(path, 'ab') as out:
+        for raw in pipe:
+            line = raw.decode(errors='replace').rstrip('\n')
+            if any(p.search(line) for p in HARMLESS):
+                continue
+            out.write(raw)
+            out.flush()
+            if '[ERROR]' in line or '[WARN]' in line:
+                log.warning('%s: %s', name, line.split('GMT ', 1)[-1])
 
 
 def _has_server(db: str) -> bool:
@@ -193,8 +215,9 @@ class Stack:
         if self.log_dir:
             self.spawn(name, argv, **kw)
             return
-        with open(os.path.join(self.home, name + '.out'), 'ab') as out:
-            self.spawn(name, argv, stdout=out, stderr=subprocess.STDOUT, **kw)
+        proc = self.spawn(name, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+        threading.Thread(target=copy_mongrel2_output, args=(proc.stdout, os.path.join(self.home, name + '.out'), name),
+                         name=f'{name}-output', daemon=True).start()
 
     def start(self, workers=('local',), semaphore: bool = True, timeout: float = 30.0) -> None:
         """Start everything; `workers` holds names, or (name, [extra worker flags]) pairs."""
@@ -249,23 +272,53 @@ class Stack:
             self.stop(name)
 
 
+def ports_in_use(addr: str, ports: list[int]) -> list[int]:
+    """Those of `ports` something listens on at `addr` (bound as servers bind, so TIME_WAIT is no bar)."""
+    busy = []
+    for port in ports:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((addr, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument('--port', type=int, default=int(os.environ.get('JOBZ_PORT', defaults.PORT)),
-                    help=f'HTTP port (default: {defaults.PORT}; env JOBZ_PORT)')
+                    help=f'HTTP port; the other ports move with it (default: {defaults.PORT}; env JOBZ_PORT)')
+    ap.add_argument('--pub-port', type=int, default=_env_int('JOBZ_PUB_PORT'),
+                    help="the broker's live calls to workers (default: PORT+1; env JOBZ_PUB_PORT)")
+    ap.add_argument('--router-port', type=int, default=_env_int('JOBZ_ROUTER_PORT'),
+                    help="the broker's sync, results and heartbeats (default: PORT+2; env JOBZ_ROUTER_PORT)")
     ap.add_argument('--jobs', default=os.environ.get('JOBZ_JOBS', defaults.JOBS),
                     help=f'job folder (default: {defaults.JOBS}; env JOBZ_JOBS)')
     ap.add_argument('--home', default=os.environ.get('JOBZ_HOME', defaults.HOME),
                     help=f'state folder (default: {defaults.HOME}; env JOBZ_HOME)')
     ap.add_argument('--ca', default=os.environ.get('JOBZ_CA'),
                     help='a jobz-ca folder: also serve HTTPS with client certificates (default: off; env JOBZ_CA)')
-    ap.add_argument('--tls-port', type=int, default=int(os.environ.get('JOBZ_TLS_PORT', defaults.TLS_PORT)),
-                    help=f'HTTPS port (default: {defaults.TLS_PORT}; env JOBZ_TLS_PORT)')
+    ap.add_argument('--tls-port', type=int, default=_env_int('JOBZ_TLS_PORT'),
+                    help=f'HTTPS port, with --ca (default: {defaults.TLS_PORT} moved as PORT is: '
+                         f'PORT{defaults.TLS_PORT - defaults.PORT:+d}; env JOBZ_TLS_PORT)')
     ap.add_argument('--tls-bind', default=os.environ.get('JOBZ_TLS_BIND', '127.0.0.1'),
                     help='HTTPS address (default: 127.0.0.1; env JOBZ_TLS_BIND)')
     ap.add_argument('--clients', default=os.environ.get('JOBZ_CLIENTS'),
                     help='folder of client certificates allowed on HTTPS (default: any from the CA; env JOBZ_CLIENTS)')
     args = ap.parse_args(argv)
+    ports = {'port': args.port, 'pub': args.pub_port or args.port + 1, 'router': args.router_port or args.port + 2,
+             'tls': args.tls_port or args.port + defaults.TLS_PORT - defaults.PORT}
+    for name, port in ports.items():
+        if not 0 < port < 65536:
+            ap.error(f'{name} port {port}: not a TCP port (set JOBZ_PORT between 1 and 65533)')
+    if len(set(ports.values())) < len(ports):
+        ap.error(f'two of the ports are the same: {ports}')
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter('stack'))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
@@ -275,25 +328,48 @@ def main(argv=None) -> int:
         state_dir(args.home)
     except UnsafePath as e:
         sys.exit(f'error: --home: {e}')
-    stack = Stack(args.home, args.jobs.split(':'), port=args.port, tls=args.ca, tls_port=args.tls_port,
-                  tls_bind=args.tls_bind, clients=args.clients)
+    wanted = [ports['port'], ports['pub'], ports['router']] + ([ports['tls']] if args.ca else [])
+    busy = ports_in_use('127.0.0.1', wanted[:3]) + (ports_in_use(args.tls_bind, wanted[3:]) if args.ca else [])
+    if busy:
+        sys.exit(f'error: port {", ".join(map(str, busy))} already in use (another jobz stack?): set JOBZ_PORT '
+                 f'to move every port of this one (now {", ".join(map(str, wanted))})')
+    # One stack per state folder: a second one there would share the journal and the handler sockets.
+    lock = open(os.path.join(args.home, 'stack.lock'), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        sys.exit(f'error: --home {args.home}: another stack runs there ({lock.read().strip() or "its ports unknown"}); '
+                 'give this one a folder of its own (JOBZ_HOME) and another JOBZ_PORT')
+    lock.truncate(0)
+    lock.write(f'pid {os.getpid()}, ports ' + ', '.join(f'{k} {v}' for k, v in ports.items()) + '\n')
+    lock.flush()
+    stack = Stack(args.home, args.jobs.split(':'), port=ports['port'], ports={'pub': ports['pub'], 'router': ports['router']},
+                  tls=args.ca, tls_port=ports['tls'], tls_bind=args.tls_bind, clients=args.clients)
     stopping = []
     # Only record the signal; the wait loop below does the stopping.
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
     signal.signal(signal.SIGINT, lambda *a: stopping.append(1))
     try:
-        stack.start()
-        log.info('jobz is up on %s (try: curl "%s/job_start?job_name=hello&date=2026_11_28")',
-                 stack.url, stack.url)
+        try:
+            stack.start()
+        except RuntimeError as e:    # a process that exited at start (a port in use, say): its words are above
+            log.error('could not start the stack: %s', e)
+            return 1
+        log.info('jobz is up on %s (try: curl "%s/job_start?job_name=hello&date=2026_11_28"); '
+                 'ports: HTTP %d, broker %d and %d%s', stack.url, stack.url, ports['port'], ports['pub'],
+                 ports['router'], f", HTTPS {ports['tls']}" if args.ca else '')
+        failed = False
         while not stopping:
             for name, proc in list(stack.procs.items()):
                 if proc.poll() is not None:
                     log.error('%s exited with %s; stopping the stack', name, proc.returncode)
                     stopping.append(1)
+                    failed = True
             time.sleep(0.2)
     finally:
         stack.stop_all()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

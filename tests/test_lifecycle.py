@@ -12,6 +12,7 @@ import zmq
 
 from conftest import ROOT, free_port, http, wait_for
 from jobz import ca, m2, protocol
+from jobz.harness import free_run
 from jobz.broker import Broker
 from jobz.journal import Journal
 
@@ -93,7 +94,7 @@ def test_stack_main_runs_example_jobs_and_stops_cleanly(tmp_path):
 
     With JOBZ_CA it serves HTTPS too, on loopback unless told otherwise, and Mongrel2 (started as
     root) runs as an unprivileged user."""
-    port, tls_port = free_port(), free_port()
+    port, tls_port = free_run(3), free_port()    # HTTP, then the broker's two ports
     pki = str(tmp_path / 'ca')
     ca.main(['--dir', pki, 'init'])
     ca.main(['--dir', pki, 'server', 'jobz-tls', '--host', '127.0.0.1'])

@@ -33,6 +33,26 @@ gate3:
   on_success: "/job_start?job_name=report&date=%(date)s"
 report:
   command: "echo report for %(date)s"
+hop1:
+  command: "true"
+  on_success: "/job_start?job_name=hop2&tag=%(tag)s"
+hop2:
+  command: "true"
+  on_success: "/job_start?job_name=hop3&tag=%(tag)s"
+hop3:
+  command: "true"
+  on_success: "/job_start?job_name=hop4&tag=%(tag)s"
+hop4:
+  command: "true"
+  on_success: "/job_start?job_name=hop5&tag=%(tag)s"
+hop5:
+  command: "true"
+  on_success: "/job_start?job_name=hops_done&tag=%(tag)s"
+hops_done:
+  semaphore: {count: 1, key: tag}
+  on_success: "/job_start?job_name=landed&tag=%(tag)s"
+landed:
+  command: "echo landed %(tag)s"
 breaks:
   command: "seq 1 3000; echo PAGE-TEST-BOOM-42; exit 1"
 greet:
@@ -147,6 +167,25 @@ def test_chain_graph_follows_a_chain_live(stack, web):
         expect(node(page, 'step_a')).to_be_visible()
         assert page.evaluate('document.documentElement.scrollWidth') <= 390
         web.shot('chain-phone')
+    finally:
+        page.set_viewport_size({'width': 1280, 'height': 900})
+
+
+def test_the_follow_up_of_a_gate_after_a_long_chain_is_in_view(stack, web):
+    """Five steps, a gate and its follow-up: eight columns, wider than a 1300-pixel window. The graph
+    is drawn to fit, so the follow-up is on screen and the page does not scroll sideways."""
+    first = stack.start_job('job_name=hop1&tag=wide')['run_id']
+    page = web.page
+    page.set_viewport_size({'width': 1300, 'height': 900})
+    try:
+        web.open(f'#/run/{first}')
+        landed = node(page, 'landed')
+        expect(landed).to_have_attribute('data-state', 'succeeded', timeout=WAIT)
+        expect(page.locator('svg.graph g.gate')).to_have_count(1)
+        box = landed.bounding_box()
+        assert 0 <= box['x'] and box['x'] + box['width'] <= 1300, box
+        assert page.evaluate('document.documentElement.scrollWidth') <= 1300
+        web.shot('long-chain')
     finally:
         page.set_viewport_size({'width': 1280, 'height': 900})
 
