@@ -259,7 +259,7 @@ class Journal:
 
     def reachable(self, retry: bool = True) -> bool:
         """Whether the database can be used (always, for SQLite); after PostgreSQL went away,
-        with `retry`, connect again (at most once a second)."""
+        with `retry`, try to connect again in the background (at most once a second)."""
         return self.db.reachable(retry)
 
     def _heads(self) -> tuple[dict, dict]:

@@ -204,10 +204,13 @@ def connect(host, addr: str, *ports: int) -> dict:
 
 def test_only_https_and_curve_ports_reach_other_hosts(deployed):
     hosts = deployed['hosts']
-    front = hosts['front']
+    front, standby = _active_and_standby(deployed)
     # Mongrel2's plain server is bound to the front end's loopback: refused from the network.
     assert connect(hosts['node1'], front.addr, 6769, 6443, 6770, 6771) == {
         6769: 'ConnectionRefusedError', 6443: 'open', 6770: 'open', 6771: 'open'}
+    # The standby answers HTTPS (503, naming the active one) and binds no worker port.
+    assert connect(hosts['node1'], standby.addr, 6769, 6443, 6770, 6771) == {
+        6769: 'ConnectionRefusedError', 6443: 'open', 6770: 'ConnectionRefusedError', 6771: 'ConnectionRefusedError'}
     assert connect(front, '127.0.0.1', 6769) == {6769: 'open'}
     # Nothing on the network is Mongrel2's handler sockets any more: they are files in its chroot.
     listening = front.ssh('ss -Htln', check=True).stdout
@@ -408,8 +411,8 @@ def test_powering_off_the_active_front_end(deployed):
     """The plug is pulled on the active front end's host: the other takes over; back, it stands by."""
     hosts = deployed['hosts']
     wait_for(lambda: _workers_alive(deployed) >= {'node1', 'node2', 'node1-semaphore'}, timeout=60, what='workers')
-    before = active(deployed)
-    dead, other = (hosts['front'], hosts['front2']) if hosts['front'].addr in before else (hosts['front2'], hosts['front'])
+    dead, other = _active_and_standby(deployed)
+    before = f'https://{dead.addr}:6443'
     standby = f'https://{other.addr}:6443'
     assert _direct(deployed, standby + '/health') == (503, before)
     dead.pull_plug()
@@ -484,6 +487,13 @@ def active(deployed) -> str:
     status, _ = get(deployed, '/health', timeout=10)
     assert status == 200
     return deployed['active']
+
+
+def _active_and_standby(deployed):
+    """The front-end hosts: (the active one, the one standing by)."""
+    url, hosts = active(deployed), deployed['hosts']
+    one, two = hosts['front'], hosts['front2']
+    return (one, two) if url == f'https://{one.addr}:6443' else (two, one)
 
 
 def _workers_alive(deployed) -> set:
