@@ -51,6 +51,16 @@ class SQLite:
     def begin(self) -> None:
         self.conn.execute('BEGIN IMMEDIATE')
 
+    def savepoint(self) -> None:
+        self.conn.execute('SAVEPOINT msg')
+
+    def release_savepoint(self) -> None:
+        self.conn.execute('RELEASE msg')
+
+    def undo_savepoint(self) -> None:
+        self.conn.execute('ROLLBACK TO msg')
+        self.conn.execute('RELEASE msg')
+
     def commit(self) -> None:
         self.conn.execute('COMMIT')
 
@@ -123,6 +133,7 @@ class Postgres:
         self.url = url
         self.changes = 0
         self.retry_at = 0.0
+        self.unreleased = False            # savepoint(): a RELEASE still to send
         self.fresh = self.trying = None    # reachable(): a connection made in a thread, and that thread
         self.conn = self._connect()
         self.Row = Row
@@ -159,6 +170,21 @@ class Postgres:
 
     def begin(self) -> None:
         self.conn.execute('BEGIN')
+        self.unreleased = False
+
+    # A savepoint per message costs two round trips; the release is sent with the next savepoint
+    # (or made moot by COMMIT), one round trip per message fewer. Statements in between belong to
+    # the released savepoint, as they would after a RELEASE: nothing can roll back to it.
+    def savepoint(self) -> None:
+        self.conn.execute('RELEASE msg; SAVEPOINT msg' if self.unreleased else 'SAVEPOINT msg')
+        self.unreleased = False
+
+    def release_savepoint(self) -> None:
+        self.unreleased = True
+
+    def undo_savepoint(self) -> None:
+        self.conn.execute('ROLLBACK TO msg; RELEASE msg')
+        self.unreleased = False
 
     def commit(self) -> None:
         # COMMIT of a transaction that already failed is a ROLLBACK that PostgreSQL does not call an

@@ -121,12 +121,13 @@ class Savepoint:
         self.db = db
 
     def __enter__(self):
-        self.db.execute('SAVEPOINT msg')
+        self.db.savepoint()
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is not None:
-            self.db.execute('ROLLBACK TO msg')
-        self.db.execute('RELEASE msg')
+            self.db.undo_savepoint()
+        else:
+            self.db.release_savepoint()
 
 
 def worker_record(r) -> dict:
