@@ -89,12 +89,17 @@ def measure(kills: int, rate: float) -> dict[str, float]:
         client.join(30)
         run_ids = [r for _, _, r in client.ok]
         stacks.wait_final(fronts.a.journal, run_ids, [], 120.0, per_run=2)
+    except BaseException:
+        print(f'failover: kept {tmp} (the front ends\' logs) to see why', file=sys.stderr)
+        tmp = None
+        raise
     finally:
         if client:
             client.stop.set()
         fronts.stop()
         cluster.remove()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     return {'failover: last 200 from the old → first 200 from the new, median (s)': statistics.median(times),
             'failover, slowest (s)': max(times), 'failover, fastest (s)': min(times),
             'kills': len(times), 'triggers accepted, each run once per worker': len(run_ids)}

@@ -51,6 +51,10 @@ class SQLite:
     def begin(self) -> None:
         self.conn.execute('BEGIN IMMEDIATE')
 
+    @staticmethod
+    def lock_setup() -> None:
+        """In a transaction: keep others from setting the schema up at the same time (BEGIN IMMEDIATE does)."""
+
     def savepoint(self) -> None:
         self.conn.execute('SAVEPOINT msg')
 
@@ -165,8 +169,15 @@ class Postgres:
                 cur.executemany(sql.replace('%', '%%').replace('?', '%s'), rows)
             self.changes += len(rows)
 
+    # Two brokers starting on a new journal at once set it up one after the other.
+    SETUP_LOCK = 'SELECT pg_advisory_xact_lock(7412657)'
+
     def script(self, sql: str) -> None:
-        self.conn.execute(sql)    # no parameters: several statements in one go
+        # No parameters: several statements in one go, and in one transaction.
+        self.conn.execute(f'{self.SETUP_LOCK}; {sql}')
+
+    def lock_setup(self) -> None:
+        self.conn.execute(self.SETUP_LOCK)
 
     def begin(self) -> None:
         self.conn.execute('BEGIN')

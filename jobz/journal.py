@@ -99,6 +99,8 @@ CREATE TABLE IF NOT EXISTS lease (          -- which broker is active, when seve
 );
 INSERT INTO lease (name) VALUES ('broker') ON CONFLICT DO NOTHING;
 """
+# Any change to SCHEMA takes a new version (and a step in upgrade()): a journal at this version is
+# not given the schema script again.
 SCHEMA_VERSION = 3    # 1: before pool retries waited (no pool.due); 2: written down from here on; 3: lease
 
 
@@ -153,8 +155,12 @@ class Journal:
     def __init__(self, where: str):
         """`where`: a SQLite file, or a postgresql:// URL."""
         self.db = open_db(where)
-        self.db.script(SCHEMA.format(open_states=repr(OPEN_STATES)))
-        self.upgrade()
+        # Only a new or older journal gets the schema script: its CREATEs (IF NOT EXISTS, but they
+        # still lock the tables) would deadlock with the active broker's writes when a second broker
+        # starts on a shared journal.
+        if self.version() != SCHEMA_VERSION:
+            self.db.script(SCHEMA.format(open_states=repr(OPEN_STATES)))
+            self.upgrade()
         self.heads, self.pool_heads = self._heads()
         self.stale = False
         self.shared = self.db.engine == 'postgresql'    # several brokers may use it: one at a time (lease.py)
@@ -162,9 +168,19 @@ class Journal:
         self.fenced_at = 0.0               # monotonic time of the last commit that proved the lease
         self.begun = 0                     # changes() when the transaction began
 
+    def version(self) -> int | None:
+        """The journal's schema version; None for a new journal (or one from before versions)."""
+        try:
+            row = self.db.execute('SELECT version FROM schema_version').fetchone()
+        except self.db.Error:
+            self.db.rollback()
+            return None    # no such table yet
+        return row[0] if row else None
+
     def upgrade(self) -> None:
         """Bring a journal written by an older jobz to this schema, in one transaction."""
         self.db.begin()
+        self.db.lock_setup()
         (version,) = self.db.execute('SELECT version FROM schema_version').fetchone() or (None,)
         if version is None:    # a new journal, or one from before the version was written down (1)
             if 'due' not in self.db.columns('pool'):

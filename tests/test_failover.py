@@ -215,6 +215,28 @@ def test_a_paused_broker_that_lost_its_lease_commits_and_publishes_nothing_and_s
         spy.close(0)
 
 
+def test_a_broker_starting_beside_an_active_one_takes_no_lock_it_could_wait_on(postgres):
+    """Opening a journal of the current schema while another broker's transaction has written to
+    it: the newcomer must not wait (the schema's CREATEs lock tables; with the writer waiting on the
+    newcomer in turn, that was a deadlock and the standby died at start)."""
+    url = postgres.new_database()
+    active = Journal(url)
+    assert active.take_lease('a', 'http://a', 30)
+    active.begin()
+    active.add_run('r1', 'count', 'count', {}, [], 'k1', [])    # rows written, its transaction open
+    opened = []
+    starting = threading.Thread(target=lambda: opened.append(Journal(url)), daemon=True)
+    starting.start()
+    starting.join(5)
+    try:
+        assert opened, 'a broker starting on the journal waited on the active one'
+    finally:
+        active.commit()
+        starting.join(10)
+        for j in [active, *opened]:
+            j.close()
+
+
 def test_a_commit_after_the_lease_was_taken_over_is_refused_and_leaves_nothing(postgres):
     """The fence itself, on two journals of one database: a broker whose lease ran out and was taken
     while its transaction was open commits nothing of it."""
