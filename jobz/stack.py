@@ -285,6 +285,28 @@ def ports_in_use(addr: str, ports: list[int]) -> list[int]:
     return busy
 
 
+def claim(home: str, ports: dict, tls_bind: str):
+    """Exit with what to set if one of `ports` is taken or another stack runs in `home`; else lock
+    `home` for this stack (the open lock file, to keep while it runs)."""
+    busy = ports_in_use('127.0.0.1', [p for n, p in ports.items() if n != 'tls'])
+    busy += ports_in_use(tls_bind, [ports['tls']]) if 'tls' in ports else []
+    if busy:
+        sys.exit(f'error: port {", ".join(map(str, busy))} already in use (another jobz stack?): set JOBZ_PORT '
+                 f'to move every port of this one (now {", ".join(map(str, ports.values()))})')
+    # One stack per state folder: a second one there would share the journal and the handler sockets.
+    lock = open(os.path.join(home, 'stack.lock'), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        sys.exit(f'error: --home {home}: another stack runs there ({lock.read().strip() or "its ports unknown"}); '
+                 'give this one a folder of its own (JOBZ_HOME) and another JOBZ_PORT')
+    lock.truncate(0)
+    lock.write(f'pid {os.getpid()}, ports ' + ', '.join(f'{k} {v}' for k, v in ports.items()) + '\n')
+    lock.flush()
+    return lock
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value else None
@@ -312,8 +334,9 @@ def main(argv=None) -> int:
     ap.add_argument('--clients', default=os.environ.get('JOBZ_CLIENTS'),
                     help='folder of client certificates allowed on HTTPS (default: any from the CA; env JOBZ_CLIENTS)')
     args = ap.parse_args(argv)
-    ports = {'port': args.port, 'pub': args.pub_port or args.port + 1, 'router': args.router_port or args.port + 2,
-             'tls': args.tls_port or args.port + defaults.TLS_PORT - defaults.PORT}
+    ports = {'port': args.port, 'pub': args.pub_port or args.port + 1, 'router': args.router_port or args.port + 2}
+    if args.ca:
+        ports['tls'] = args.tls_port or args.port + defaults.TLS_PORT - defaults.PORT
     for name, port in ports.items():
         if not 0 < port < 65536:
             ap.error(f'{name} port {port}: not a TCP port (set JOBZ_PORT between 1 and 65533)')
@@ -328,28 +351,14 @@ def main(argv=None) -> int:
         state_dir(args.home)
     except UnsafePath as e:
         sys.exit(f'error: --home: {e}')
-    wanted = [ports['port'], ports['pub'], ports['router']] + ([ports['tls']] if args.ca else [])
-    busy = ports_in_use('127.0.0.1', wanted[:3]) + (ports_in_use(args.tls_bind, wanted[3:]) if args.ca else [])
-    if busy:
-        sys.exit(f'error: port {", ".join(map(str, busy))} already in use (another jobz stack?): set JOBZ_PORT '
-                 f'to move every port of this one (now {", ".join(map(str, wanted))})')
-    # One stack per state folder: a second one there would share the journal and the handler sockets.
-    lock = open(os.path.join(args.home, 'stack.lock'), 'a+')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        sys.exit(f'error: --home {args.home}: another stack runs there ({lock.read().strip() or "its ports unknown"}); '
-                 'give this one a folder of its own (JOBZ_HOME) and another JOBZ_PORT')
-    lock.truncate(0)
-    lock.write(f'pid {os.getpid()}, ports ' + ', '.join(f'{k} {v}' for k, v in ports.items()) + '\n')
-    lock.flush()
+    lock = claim(args.home, ports, args.tls_bind)    # held while we run
     stack = Stack(args.home, args.jobs.split(':'), port=ports['port'], ports={'pub': ports['pub'], 'router': ports['router']},
-                  tls=args.ca, tls_port=ports['tls'], tls_bind=args.tls_bind, clients=args.clients)
+                  tls=args.ca, tls_port=ports.get('tls', defaults.TLS_PORT), tls_bind=args.tls_bind, clients=args.clients)
     stopping = []
     # Only record the signal; the wait loop below does the stopping.
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
     signal.signal(signal.SIGINT, lambda *a: stopping.append(1))
+    failed = False
     try:
         try:
             stack.start()
@@ -359,7 +368,6 @@ def main(argv=None) -> int:
         log.info('jobz is up on %s (try: curl "%s/job_start?job_name=hello&date=2026_11_28"); '
                  'ports: HTTP %d, broker %d and %d%s', stack.url, stack.url, ports['port'], ports['pub'],
                  ports['router'], f", HTTPS {ports['tls']}" if args.ca else '')
-        failed = False
         while not stopping:
             for name, proc in list(stack.procs.items()):
                 if proc.poll() is not None:
@@ -369,6 +377,7 @@ def main(argv=None) -> int:
             time.sleep(0.2)
     finally:
         stack.stop_all()
+        lock.close()
     return 1 if failed else 0
 
 
