@@ -184,8 +184,9 @@ class Postgres:
         self.unreleased = False
 
     # A savepoint per message costs two round trips; the release is sent with the next savepoint
-    # (or made moot by COMMIT), one round trip per message fewer. Statements in between belong to
-    # the released savepoint, as they would after a RELEASE: nothing can roll back to it.
+    # (or made moot by COMMIT), one round trip per message fewer. Statements in between still
+    # belong to the last message's savepoint, but nothing rolls back to it any more: the same
+    # as if it had been released.
     def savepoint(self) -> None:
         self.conn.execute('RELEASE msg; SAVEPOINT msg' if self.unreleased else 'SAVEPOINT msg')
         self.unreleased = False

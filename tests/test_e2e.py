@@ -1,7 +1,6 @@
 """End to end through the real Mongrel2, broker, workers and semaphore, on loopback."""
 import http.client
 import os
-import signal
 
 import pytest
 

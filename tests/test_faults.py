@@ -2,12 +2,11 @@
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 
-from conftest import assert_each_ran_once, final_states, http, kill_leftovers, triggers, wait_for
+from conftest import assert_each_ran_once, final_states, kill_leftovers, triggers, wait_for
 from jobz.journal import Journal
 from jobz.postgres import Cluster
 

@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from conftest import ROOT, free_port, http, wait_for
-from jobz import ca, m2, protocol
+from jobz import ca
 from jobz.harness import free_run
 from jobz.broker import Broker
 from jobz.journal import Journal
