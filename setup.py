@@ -18,8 +18,9 @@ setup(
                              'psycopg>=3.1'],    # the PostgreSQL journal's tests
                     # broker.py --journal postgresql://… (on Debian hosts: python3-psycopg)
                     'postgresql': ['psycopg>=3.1'],
-                    # bench/peers.py: the runners people would pick instead
-                    'bench': ['celery', 'redis', 'rq']},
+                    # bench/peers.py: the runners people would pick instead; py-spy profiles a
+                    # running broker or worker (README, Speed)
+                    'bench': ['celery', 'redis', 'rq', 'py-spy']},
     entry_points={'console_scripts': [
         'jobz-broker=broker:main',
         'jobz-worker=worker:main',

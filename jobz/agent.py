@@ -293,6 +293,9 @@ class Agent:
         self.announce = {}
         for verb, msg in out:
             self._send(verb, msg)
+        # Handler URLs this turn recorded are durable now: out they go, before the owner spawns
+        # anything (a fan-in's arrival waited a whole turn of spawns for this).
+        self.handlers.start_due(time.monotonic())
 
     # -- reporting --------------------------------------------------------
     def mark_started(self, calls: list[dict]) -> None:

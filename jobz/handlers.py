@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import random
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,10 @@ class HandlerCalls:
         db.executescript(SCHEMA)
         self.due = 0.0                  # monotonic time to look for calls due
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix='jobz-http')
+        # A pool thread that has a call to make waits for the GIL while the agent's loop is busy (a
+        # worker spawning commands): by default up to 5 ms at a time, which a fan-in's last hop felt.
+        # A tenth of that lets the call out almost at once (bench/RESULTS.md: the fan-in rows).
+        sys.setswitchinterval(0.0005)
         self.busy: set[int] = set()
         self.done: queue.Queue = queue.Queue()
         # A pool thread writes a byte here when a call is done: the agent's poll wakes up for it.
@@ -98,12 +103,12 @@ class HandlerCalls:
         os.set_blocking(self.wake_r, False)
 
     def add(self, urls: list[str]) -> None:
-        """Record calls to make (in this turn's transaction); they go out at the next tick."""
+        """Record calls to make (in this turn's transaction); they go out once it commits."""
         if urls:
             now = time.time()
             self.write().executemany('INSERT INTO http_out (url, next_at, first_at) VALUES (?, ?, ?)',
                                      [(u, now, now) for u in urls])
-            self.due = 0.0    # call them at the next tick, not half a second later
+            self.due = 0.0    # call them right after this turn's commit, not half a second later
 
     def woken(self) -> None:
         try:
@@ -127,6 +132,10 @@ class HandlerCalls:
             backoff = min(60.0, 0.5 * 2 ** tries) * random.uniform(0.5, 1.0)
             db.execute('UPDATE http_out SET tries = tries + 1, next_at = ? WHERE id = ?',
                             (time.time() + backoff, row_id))
+        self.start_due(now)
+
+    def start_due(self, now: float) -> None:
+        """Hand the calls that are due to the pool threads (at once for URLs added since: due 0)."""
         if now < self.due:
             return
         self.due = now + 0.5    # retries back off by 0.25 s and more; new URLs reset this
