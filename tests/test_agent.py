@@ -96,6 +96,24 @@ def test_a_kept_connection_gone_silent_costs_one_timeout_and_no_new_connection(s
     assert len(server.connections) == 1
 
 
+def test_a_handler_call_goes_out_with_the_commit_that_recorded_it(server, tmp_path):
+    """Not at the next clock tick, after the turn's spawns: a fan-in's last hop waited for those."""
+    import zmq
+    from jobz.agent import Agent
+    ctx = zmq.Context()
+    agent = Agent(ctx, 'w1', ['t'], pub=f'tcp://127.0.0.1:{free_port()}', router=f'tcp://127.0.0.1:{free_port()}',
+                  db_path=str(tmp_path / 'worker.db'))
+    try:
+        agent.handlers.add([f'http://127.0.0.1:{server.server_address[1]}/job_start?job_name=next'])
+        assert not server.connections    # recorded, not yet durable: nothing went out
+        agent.commit()                   # no tick() anywhere in this test
+        wait_for(lambda: server.connections, 5, 'the handler call')
+        wait_for(lambda: agent.handlers.done.qsize() == 1, 5, 'the call to end')
+    finally:
+        agent.close()
+        ctx.destroy(0)
+
+
 def test_unreachable_front_end_is_an_os_error():
     with pytest.raises(OSError):
         fetch(f'http://127.0.0.1:{free_port()}/x')    # nothing listens there
