@@ -54,12 +54,12 @@ def test_ab_compares_two_checkouts_round_by_round():
 def test_the_targets_that_say_every_round_are_judged_on_the_worst_round():
     sys.path.insert(0, os.path.join(ROOT, 'bench'))
     import common
-    import run
+    import targets
     jobz = [{'throughput `true` (jobs/s)': t, 'trigger → command start p50 (ms)': 1.9,
              'trigger → command start p99 (ms)': 3.0, 'fan-in: last job done → follow-up start (ms)': 4.0,
              'fan-in of 100: submit → follow-up done (ms)': 100.0, 'CPU per job, `true` (ms)': 1.2}
             for t in (1300, 1300, 900)]    # the median is 2.6 × Celery; the last round only 1.8 ×
-    peer = [{f'{run.CELERY} throughput (jobs/s)': 500, run.RAW: 2000,
+    peer = [{f'{targets.CELERY} throughput (jobs/s)': 500, targets.RAW: 2000,
              'raw subprocess `/bin/sh -c true`, 2 procs (jobs/s)': 2500,
              'Celery chord: last task done → callback start (ms)': 5.0,
              'Celery chord of 100: submit → callback done (ms)': 250.0}] * 3
@@ -67,7 +67,7 @@ def test_the_targets_that_say_every_round_are_judged_on_the_worst_round():
               for p99 in (5.0, 5.0, 12.0)]    # the median is fine; one round is not
     grown = {f'{n} RSS growth 1k → 100k (%)': 1.0 for n in ('broker', 'w1', 'w2')} | {'catch-up of 10,000 calls (s)': 1.0}
     args = type('Args', (), {'base': 1000, 'runs': 100000, 'catchup': 10000})
-    lines = run.targets(*(common.summarize(r) for r in (jobz, peer, fronts)), grown,
+    lines = targets.targets(*(common.summarize(r) for r in (jobz, peer, fronts)), grown,
                         {'floor: trigger → command start p50 (ms)': 1.8},
                         {'jobz': jobz, 'peers': peer, 'front end': fronts}, args)
     verdict = {line.split(' | ')[0].lstrip('| '): line.rsplit(' | ', 2)[-1].rstrip(' |') for line in lines[2:]}
