@@ -170,12 +170,15 @@ class TwoFronts:
         """Start a front end (again) and wait until it stands by, naming `active`."""
         stack.start_broker()
         stack.start_mongrel2()
-        seen = []
+        last = {}
+
+        def stands_by() -> bool:
+            last['answer'] = http_or_down(stack.url + '/health')
+            return last['answer'] == (503, standing_by(active.url))
         try:
-            wait_for(lambda: seen.append(http_or_down(stack.url + '/health')) or seen[-1] == (503, standing_by(active.url)),
-                     15, f'{stack.url} standing by')
+            wait_for(stands_by, 15, f'{stack.url} standing by')
         except TimedOut as e:    # say what it answered instead, and what its processes logged
-            raise TimedOut(f'{e}; it answered {seen[-1]}\n{stack.logs()}') from None
+            raise TimedOut(f"{e}; it answered {last.get('answer')}\n{stack.logs()}") from None
 
     def stop(self) -> None:
         self.a.stop_all()
